@@ -1,0 +1,1 @@
+//! AT Protocol service auth: JWT verification (ES256K, ES256) and DID resolution.

@@ -1,0 +1,1 @@
+//! Intake: Jetstream records and knot event streams become registered repos and WorkflowRuns.

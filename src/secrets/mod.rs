@@ -1,0 +1,1 @@
+//! Secrets providers: encrypted SQLite and Kubernetes Secrets.

@@ -1,0 +1,1 @@
+//! The HTTP server: motd, `/events`, `/logs`, XRPC, health and metrics.

@@ -1,0 +1,1 @@
+//! The SQLite store: status events, repos, members, cursors, secrets.
