@@ -20,6 +20,7 @@ pub mod intake;
 pub mod logs;
 pub mod model;
 pub mod naming;
+pub mod plan;
 pub mod secrets;
 pub mod server;
 pub mod store;
