@@ -10,6 +10,7 @@
 //! - [`server`]: `/events`, `/logs`, XRPC, health and metrics over HTTP;
 //! - [`auth`], [`secrets`], [`store`]: service auth, secrets providers, the SQLite store.
 
+pub mod atproto;
 pub mod auth;
 pub mod cli;
 pub mod config;
@@ -18,6 +19,7 @@ pub mod crd;
 pub mod duration;
 pub mod intake;
 pub mod logs;
+pub mod metrics;
 pub mod model;
 pub mod naming;
 pub mod plan;
@@ -25,4 +27,5 @@ pub mod secrets;
 pub mod server;
 pub mod store;
 pub mod tekton;
+pub mod telemetry;
 pub mod yaml;

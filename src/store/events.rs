@@ -8,8 +8,8 @@ use rusqlite::{Connection, OptionalExtension, params};
 use tokio::sync::watch;
 
 use super::{Result, Store};
-use crate::model::status::{STATUS_NSID, StatusFrame, StatusRecord, decode_tid};
 use crate::model::WorkflowId;
+use crate::model::status::{STATUS_NSID, StatusFrame, StatusRecord, decode_tid};
 
 /// One stored status event.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -1,0 +1,1 @@
+//! Prometheus metrics: one registry, served on `/metrics`.
