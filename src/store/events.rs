@@ -96,7 +96,7 @@ fn frame_text(event: &str, nsid: &str, rkey: &str) -> String {
     s
 }
 
-fn insert(conn: &Connection, rkey: &str, record: &StatusRecord) -> Result<StoredEvent> {
+pub(super) fn insert(conn: &Connection, rkey: &str, record: &StatusRecord) -> Result<StoredEvent> {
     let now = jiff::Timestamp::now().as_nanosecond() as i64;
     let created = now.max(tip(conn)? + 1);
     let event = serde_json::to_string(record).unwrap_or_default();
@@ -116,7 +116,7 @@ fn insert(conn: &Connection, rkey: &str, record: &StatusRecord) -> Result<Stored
     Ok(StoredEvent { created, frame })
 }
 
-fn latest_in(conn: &Connection, pipeline: &str, workflow: &str) -> Result<Option<StatusRecord>> {
+pub(super) fn latest_in(conn: &Connection, pipeline: &str, workflow: &str) -> Result<Option<StatusRecord>> {
     let event: Option<String> = conn
         .prepare_cached(
             "SELECT event FROM events WHERE pipeline = ?1 AND workflow = ?2 ORDER BY created DESC LIMIT 1",
