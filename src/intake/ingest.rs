@@ -402,3 +402,367 @@ impl Ingester {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::intake::testkit::{FakeCollaborators, collab, jetstream_frame};
+    use crate::store::temp_store;
+
+    const OWNER: &str = "did:plc:hbrpoigf3cbfnobm2o4rak3v";
+    const MEMBER: &str = "did:plc:rjnvgfygwwqc5hyfsxmecosf";
+    const COLLAB: &str = "did:plc:ogyr5xkxwnrekpk5yroudocu";
+    const MALLORY: &str = "did:plc:mallorymallorymallory00";
+    const REPO_URI: &str = "at://did:plc:rjnvgfygwwqc5hyfsxmecosf/sh.tangled.repo/3m6pd65mx7k2b";
+
+    struct Fixture {
+        _dir: tempfile::TempDir,
+        store: Store,
+        ingester: Ingester,
+        knots: tokio::sync::mpsc::UnboundedReceiver<String>,
+        source: Arc<FakeCollaborators>,
+    }
+
+    fn setup(source: FakeCollaborators) -> Fixture {
+        let (dir, store) = temp_store();
+        let (sources, knots) = KnotSources::channel();
+        let source = Arc::new(source);
+        let me = Identity { hostname: "spindle.example.com".into(), owner: OWNER.into() };
+        let ingester = Ingester::new(store.clone(), me, source.clone(), sources);
+        Fixture { _dir: dir, store, ingester, knots, source }
+    }
+
+    fn event(name: &str) -> JetstreamEvent {
+        JetstreamEvent::parse(&jetstream_frame(name)).expect("fixture parses")
+    }
+
+    fn commit(did: &str, op: &str, collection: &str, rkey: &str, record: Option<Value>) -> JetstreamEvent {
+        JetstreamEvent {
+            did: did.into(),
+            time_us: 1,
+            kind: "commit".into(),
+            commit: Some(Commit {
+                operation: op.into(),
+                collection: collection.into(),
+                rkey: rkey.into(),
+                record,
+            }),
+        }
+    }
+
+    fn member_record(subject: &str, instance: &str) -> Option<Value> {
+        Some(
+            serde_json::json!({"$type": MEMBER_NSID, "subject": subject, "instance": instance, "createdAt": "2025-11-27T08:12:44Z"}),
+        )
+    }
+
+    fn repo_record(name: &str, spindle: Option<&str>) -> Option<Value> {
+        let mut v = serde_json::json!({"$type": REPO_NSID, "name": name, "knot": "knot1.tangled.sh", "createdAt": "2025-11-20T12:31:09Z"});
+        if let Some(s) = spindle {
+            v["spindle"] = s.into();
+        }
+        Some(v)
+    }
+
+    fn collab_record(subject: &str, repo: &str) -> Option<Value> {
+        Some(
+            serde_json::json!({"$type": COLLABORATOR_NSID, "subject": subject, "repo": repo, "createdAt": "2025-11-29T10:42:31Z"}),
+        )
+    }
+
+    async fn apply(f: &Fixture, ev: &JetstreamEvent) -> Outcome {
+        f.ingester.apply(ev).await.expect("apply")
+    }
+
+    async fn can(f: &Fixture, did: &str) -> bool {
+        f.store.can_manage_repo(MEMBER, "hello-spindle", did).await.expect("query")
+    }
+
+    async fn accepts(f: &Fixture) -> bool {
+        f.store
+            .repo_accepts_pipelines("knot1.tangled.sh", MEMBER, "hello-spindle", OWNER)
+            .await
+            .expect("query")
+    }
+
+    /// Member added by the owner, their repo registered with a paginated collaborator backfill.
+    async fn onboard(f: &mut Fixture) {
+        assert_eq!(
+            apply(f, &event("sh.tangled.spindle.member.create.json")).await,
+            Outcome::MemberAdded { subject: MEMBER.into() }
+        );
+        assert!(matches!(apply(f, &event("sh.tangled.repo.update.json")).await, Outcome::RepoRegistered(_)));
+        assert_eq!(f.knots.try_recv().expect("knot source added"), "knot1.tangled.sh");
+    }
+
+    #[tokio::test]
+    async fn fixtures_register_member_repo_and_collaborator() {
+        let mut f = setup(FakeCollaborators::default());
+        // Before the member record, the member's repo is not ours to take.
+        assert!(matches!(apply(&f, &event("sh.tangled.repo.update.json")).await, Outcome::Ignored(_)));
+        onboard(&mut f).await;
+        assert_eq!(f.store.member_dids().await.expect("members"), [MEMBER]);
+        assert!(accepts(&f).await);
+        assert!(can(&f, MEMBER).await);
+        assert!(!can(&f, COLLAB).await);
+        let out = apply(&f, &event("sh.tangled.repo.collaborator.create.json")).await;
+        assert!(matches!(&out, Outcome::CollaboratorAdded(row) if row.subject == COLLAB), "{out:?}");
+        assert!(can(&f, COLLAB).await);
+        // Applying again (a rewound replay) changes nothing.
+        apply(&f, &event("sh.tangled.repo.collaborator.create.json")).await;
+        let rows = f.store.call(|c| q::collaborators(c, MEMBER, "hello-spindle")).await.expect("rows");
+        assert_eq!(rows.len(), 1);
+    }
+
+    #[tokio::test]
+    async fn backfill_pages_and_honours_only_records_for_this_repo_b3() {
+        let other_repo = "at://did:plc:rjnvgfygwwqc5hyfsxmecosf/sh.tangled.repo/3zzzzzzzzzzzz";
+        let foreign = "at://did:plc:someoneelse/sh.tangled.repo/3m6pd65mx7k2b";
+        let source = FakeCollaborators {
+            pages: [(
+                MEMBER.to_owned(),
+                vec![
+                    vec![collab("c1", COLLAB, REPO_URI), collab("c2", MALLORY, other_repo)],
+                    vec![collab("c3", MALLORY, foreign), collab("c4", "not-a-did", REPO_URI)],
+                    vec![collab("c5", "did:plc:second", REPO_URI)],
+                ],
+            )]
+            .into(),
+            ..FakeCollaborators::default()
+        };
+        let mut f = setup(source);
+        onboard(&mut f).await;
+        let calls = f.source.calls.lock().expect("lock").clone();
+        assert_eq!(
+            calls,
+            [
+                (MEMBER.to_owned(), None),
+                (MEMBER.to_owned(), Some("1".into())),
+                (MEMBER.to_owned(), Some("2".into()))
+            ]
+        );
+        assert!(can(&f, COLLAB).await);
+        assert!(can(&f, "did:plc:second").await);
+        assert!(!can(&f, MALLORY).await, "records naming other repos grant nothing here");
+    }
+
+    #[tokio::test]
+    async fn failed_backfill_keeps_the_registration() {
+        let mut f = setup(FakeCollaborators { fail: true, ..FakeCollaborators::default() });
+        onboard(&mut f).await;
+        assert!(accepts(&f).await);
+        let repo =
+            f.store.call(|c| q::repo_by_rkey(c, MEMBER, "3m6pd65mx7k2b")).await.expect("q").expect("repo");
+        let err = f.ingester.backfill(&repo).await.expect_err("PDS down");
+        assert_eq!(err.label(), "collaborators");
+        assert!(err.to_string().contains("PDS unreachable"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn member_escalating_to_collaborator_on_another_repo_is_refused_b2() {
+        let mut f = setup(FakeCollaborators::default());
+        onboard(&mut f).await;
+        // The owner makes Mallory a member too; Mallory then claims access to the member's repo.
+        apply(&f, &commit(OWNER, "create", MEMBER_NSID, "m2", member_record(MALLORY, "spindle.example.com")))
+            .await;
+        let out =
+            apply(&f, &commit(MALLORY, "create", COLLABORATOR_NSID, "x1", collab_record(MALLORY, REPO_URI)))
+                .await;
+        assert!(matches!(&out, Outcome::Refused(why) if why.contains("cannot add collaborators")), "{out:?}");
+        assert!(!can(&f, MALLORY).await);
+        // A non-member's record never even reaches the rule.
+        let out = apply(
+            &f,
+            &commit(
+                "did:plc:stranger",
+                "create",
+                COLLABORATOR_NSID,
+                "x2",
+                collab_record("did:plc:stranger", REPO_URI),
+            ),
+        )
+        .await;
+        assert!(matches!(out, Outcome::Ignored(_)), "{out:?}");
+        // The owner naming a repo that is not registered here grants nothing either.
+        let out = apply(
+            &f,
+            &commit(
+                MEMBER,
+                "create",
+                COLLABORATOR_NSID,
+                "x3",
+                collab_record(COLLAB, "at://did:plc:rjnvgfygwwqc5hyfsxmecosf/sh.tangled.repo/3unknownrkey2"),
+            ),
+        )
+        .await;
+        assert!(matches!(&out, Outcome::Refused(why) if why.contains("not registered")), "{out:?}");
+        let out = apply(
+            &f,
+            &commit(MEMBER, "create", COLLABORATOR_NSID, "x4", collab_record(COLLAB, "https://example.com")),
+        )
+        .await;
+        assert!(matches!(out, Outcome::Refused(_)), "{out:?}");
+    }
+
+    #[tokio::test]
+    async fn collaborator_update_and_delete_revoke_b18() {
+        let mut f = setup(FakeCollaborators::default());
+        onboard(&mut f).await;
+        apply(&f, &event("sh.tangled.repo.collaborator.create.json")).await;
+        assert!(can(&f, COLLAB).await);
+        // Update that points the record at a repo not registered here: the old grant goes.
+        let elsewhere = "at://did:plc:rjnvgfygwwqc5hyfsxmecosf/sh.tangled.repo/3elsewhere222";
+        apply(
+            &f,
+            &commit(MEMBER, "update", COLLABORATOR_NSID, "3m6r7nnazea2b", collab_record(COLLAB, elsewhere)),
+        )
+        .await;
+        assert!(!can(&f, COLLAB).await);
+        apply(&f, &event("sh.tangled.repo.collaborator.create.json")).await;
+        assert!(can(&f, COLLAB).await);
+        let out = apply(&f, &commit(MEMBER, "delete", COLLABORATOR_NSID, "3m6r7nnazea2b", None)).await;
+        assert!(matches!(out, Outcome::CollaboratorRemoved(_)), "{out:?}");
+        assert!(!can(&f, COLLAB).await);
+    }
+
+    #[tokio::test]
+    async fn member_rules_owner_only_instance_match_and_update_replaces_b17() {
+        let f = setup(FakeCollaborators::default());
+        let out = apply(
+            &f,
+            &commit(MEMBER, "create", MEMBER_NSID, "m1", member_record(MALLORY, "spindle.example.com")),
+        )
+        .await;
+        assert!(matches!(out, Outcome::Ignored(_)), "a non-member author is filtered: {out:?}");
+        apply(&f, &event("sh.tangled.spindle.member.create.json")).await;
+        let out = apply(
+            &f,
+            &commit(MEMBER, "create", MEMBER_NSID, "m1", member_record(MALLORY, "spindle.example.com")),
+        )
+        .await;
+        assert!(matches!(&out, Outcome::Refused(why) if why.contains("not the spindle owner")), "{out:?}");
+        let out = apply(
+            &f,
+            &commit(OWNER, "create", MEMBER_NSID, "m9", member_record(MALLORY, "other.example.com")),
+        )
+        .await;
+        assert!(matches!(out, Outcome::Ignored(_)), "{out:?}");
+        let out = apply(
+            &f,
+            &commit(OWNER, "create", MEMBER_NSID, "m9", member_record("nobody", "spindle.example.com")),
+        )
+        .await;
+        assert!(matches!(out, Outcome::Refused(_)), "{out:?}");
+        assert_eq!(f.store.member_dids().await.expect("m"), [MEMBER]);
+
+        // B17: an update of the same record that changes the subject replaces it.
+        apply(
+            &f,
+            &commit(
+                OWNER,
+                "update",
+                MEMBER_NSID,
+                "3m6lwdxk43c2b",
+                member_record(COLLAB, "spindle.example.com"),
+            ),
+        )
+        .await;
+        assert_eq!(f.store.member_dids().await.expect("m"), [COLLAB]);
+        // Moving the record to another instance revokes it.
+        let out = apply(
+            &f,
+            &commit(
+                OWNER,
+                "update",
+                MEMBER_NSID,
+                "3m6lwdxk43c2b",
+                member_record(COLLAB, "other.example.com"),
+            ),
+        )
+        .await;
+        assert_eq!(out, Outcome::MemberRemoved { subject: COLLAB.into() });
+        assert!(f.store.member_dids().await.expect("m").is_empty());
+    }
+
+    #[tokio::test]
+    async fn member_removal_stops_new_pipelines_of_their_repos_b18() {
+        let mut f = setup(FakeCollaborators::default());
+        onboard(&mut f).await;
+        assert!(accepts(&f).await);
+        let out = apply(&f, &event("sh.tangled.spindle.member.delete.json")).await;
+        assert_eq!(out, Outcome::MemberRemoved { subject: MEMBER.into() });
+        assert!(!accepts(&f).await);
+        assert!(f.store.member_dids().await.expect("m").is_empty());
+        // Their records are no longer processed.
+        let out = apply(&f, &event("sh.tangled.repo.collaborator.create.json")).await;
+        assert!(matches!(out, Outcome::Ignored(_)), "{out:?}");
+        // Deleting an unknown member record is a no-op.
+        let out = apply(&f, &event("sh.tangled.spindle.member.delete.json")).await;
+        assert!(matches!(out, Outcome::Ignored(_)), "{out:?}");
+        // Re-adding the member resumes their still-registered repo.
+        apply(&f, &event("sh.tangled.spindle.member.create.json")).await;
+        assert!(accepts(&f).await);
+    }
+
+    #[tokio::test]
+    async fn repo_leaving_us_is_unregistered_b18() {
+        for spindle in [Some("[[none]]"), Some("other.example.com"), None] {
+            let mut f = setup(FakeCollaborators::default());
+            onboard(&mut f).await;
+            apply(&f, &event("sh.tangled.repo.collaborator.create.json")).await;
+            let out = apply(
+                &f,
+                &commit(MEMBER, "update", REPO_NSID, "3m6pd65mx7k2b", repo_record("hello-spindle", spindle)),
+            )
+            .await;
+            assert!(matches!(out, Outcome::RepoUnregistered(_)), "{spindle:?}: {out:?}");
+            assert!(!accepts(&f).await, "{spindle:?}");
+            assert!(!can(&f, COLLAB).await, "{spindle:?}");
+            assert!(f.store.repo_knots().await.expect("knots").is_empty());
+            // A repo that never was ours is just ignored.
+            let out =
+                apply(&f, &commit(MEMBER, "create", REPO_NSID, "3other", repo_record("x", spindle))).await;
+            assert!(matches!(out, Outcome::Ignored(_)), "{out:?}");
+        }
+        let mut f = setup(FakeCollaborators::default());
+        onboard(&mut f).await;
+        let out = apply(&f, &commit(MEMBER, "delete", REPO_NSID, "3m6pd65mx7k2b", None)).await;
+        assert!(matches!(out, Outcome::RepoUnregistered(_)), "{out:?}");
+        assert!(!accepts(&f).await);
+        let out =
+            apply(&f, &commit(MEMBER, "create", REPO_NSID, "3bad", Some(serde_json::json!({"name": 3}))))
+                .await;
+        assert!(matches!(out, Outcome::Refused(_)), "{out:?}");
+        let out = apply(
+            &f,
+            &commit(MEMBER, "create", REPO_NSID, "3bad", repo_record("", Some("spindle.example.com"))),
+        )
+        .await;
+        assert!(matches!(out, Outcome::Refused(_)), "{out:?}");
+    }
+
+    #[tokio::test]
+    async fn owner_repos_register_and_other_kinds_are_ignored() {
+        let mut f = setup(FakeCollaborators::default());
+        let out = apply(
+            &f,
+            &commit(OWNER, "create", REPO_NSID, "3own", repo_record("mine", Some("spindle.example.com"))),
+        )
+        .await;
+        assert!(matches!(out, Outcome::RepoRegistered(_)), "{out:?}");
+        assert_eq!(f.knots.try_recv().expect("knot"), "knot1.tangled.sh");
+        let identity =
+            JetstreamEvent { did: OWNER.into(), time_us: 2, kind: "identity".into(), commit: None };
+        assert!(matches!(apply(&f, &identity).await, Outcome::Ignored(_)));
+        assert!(JetstreamEvent::parse("{\"did\":1}").is_err());
+    }
+
+    #[test]
+    fn at_uris_parse_strictly() {
+        let u = parse_at_uri(REPO_URI).expect("valid");
+        assert_eq!((u.authority, u.collection, u.rkey), (MEMBER, REPO_NSID, "3m6pd65mx7k2b"));
+        for bad in ["", "at://", "at://a/b", "at://a/b/c/d", "http://a/b/c", "at:///b/c"] {
+            assert!(parse_at_uri(bad).is_none(), "{bad}");
+        }
+    }
+}

@@ -28,6 +28,12 @@ pub struct KnotSources {
 }
 
 impl KnotSources {
+    /// A source handle and the receiving end [`KnotConsumer`] reads.
+    pub(crate) fn channel() -> (Self, mpsc::UnboundedReceiver<String>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        (KnotSources { tx }, rx)
+    }
+
     /// Subscribe to `knot` (a host, optionally `:port`) if not subscribed already.
     pub fn add(&self, knot: &str) {
         // Only fails when the consumer is gone (shutdown), when there is nothing left to start.
@@ -61,10 +67,10 @@ pub fn events_url(knot: &str, dev: bool, cursor: i64) -> String {
 impl KnotConsumer {
     /// `dev` is `SPINDLE_SERVER_DEV`. The returned [`KnotSources`] goes to repo ingestion.
     pub fn new(store: Store, intake: Arc<PipelineIntake>, dev: bool) -> (Self, KnotSources) {
-        let (tx, sources) = mpsc::unbounded_channel();
+        let (handle, sources) = KnotSources::channel();
         (
             KnotConsumer { store, intake, sources, dev, timing: Timing::default(), queue: DEFAULT_QUEUE },
-            KnotSources { tx },
+            handle,
         )
     }
 

@@ -16,6 +16,9 @@ pub mod knot;
 pub mod pipeline;
 pub mod ws;
 
+#[cfg(test)]
+mod testkit;
+
 pub use ingest::{CollaboratorPage, CollaboratorRecord, CollaboratorSource, Ingester};
 pub use jetstream::Jetstream;
 pub use knot::{KnotConsumer, KnotSources};
