@@ -9,13 +9,16 @@
 //! whose effects have committed (B8), and each connection starts a few seconds before it, because
 //! re-applying an event is harmless. Reconnects back off exponentially with jitter (B9).
 
+use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::mpsc;
+use futures::future::BoxFuture;
+
 use tokio_util::sync::CancellationToken;
 
+use super::IntakeError;
 use super::ingest::{COLLECTIONS, Ingester, JetstreamEvent, Outcome};
-use super::ws::{self, Backoff, Ended, Frame, Timing};
+use super::ws::{self, Frame, Timing};
 use crate::store::Store;
 
 /// How far before the stored cursor a connection starts.
@@ -71,77 +74,35 @@ impl Jetstream {
 
     /// Consume until `stop` is cancelled. Run this as a task.
     pub async fn run(self, stop: CancellationToken) {
-        let (tx, mut rx) = mpsc::channel::<Frame>(self.queue);
-        let reader = {
-            let (store, stop, endpoint, timing) =
-                (self.store.clone(), stop.clone(), self.endpoint.clone(), self.timing);
-            let rewind = self.rewind.as_micros() as i64;
-            async move {
-                let mut backoff = Backoff::new(timing.backoff_min, timing.backoff_max);
-                loop {
-                    let cursor = match store.jetstream_cursor().await {
-                        Ok(c) => c.map(|c| (c - rewind).max(0)),
-                        Err(e) => {
-                            tracing::error!(error = %e, "cannot read the Jetstream cursor");
-                            None
-                        }
-                    };
-                    let url = subscribe_url(&endpoint, cursor);
-                    tracing::debug!(%url, "connecting to Jetstream");
-                    match ws::pump(&url, timing, &tx, &stop).await {
-                        Ended::Stopped => return,
-                        Ended::Disconnected { frames, reason } => {
-                            if frames > 0 {
-                                backoff.reset();
-                            }
-                            tracing::warn!(frames, %reason, "Jetstream connection ended; reconnecting");
-                        }
-                    }
-                    tokio::select! {
-                        _ = stop.cancelled() => return,
-                        _ = tokio::time::sleep(backoff.next_delay()) => {}
-                    }
-                }
-            }
+        let rewind = self.rewind.as_micros() as i64;
+        let (store, endpoint, ingester) = (self.store, Arc::new(self.endpoint), Arc::new(self.ingester));
+        let url = || -> BoxFuture<'static, String> {
+            let (store, endpoint) = (store.clone(), endpoint.clone());
+            Box::pin(async move {
+                let cursor = store.jetstream_cursor().await.unwrap_or_else(|e| {
+                    tracing::error!(error = %e, "cannot read the Jetstream cursor");
+                    None
+                });
+                subscribe_url(&endpoint, cursor.map(|c| (c - rewind).max(0)))
+            })
         };
-        let processor = async {
-            let mut retry = Backoff::new(self.timing.backoff_min, self.timing.backoff_max);
-            while let Some(frame) = rx.recv().await {
-                if stop.is_cancelled() {
-                    return;
-                }
+        let handle = |frame: Frame| -> BoxFuture<'static, Result<(), IntakeError>> {
+            let (store, ingester) = (store.clone(), ingester.clone());
+            Box::pin(async move {
                 let event = match JetstreamEvent::parse(&frame.text) {
                     Ok(e) => e,
                     Err(e) => {
                         tracing::warn!(error = %e, "skipping malformed Jetstream frame");
-                        continue;
+                        return Ok(());
                     }
                 };
-                loop {
-                    let applied = match self.ingester.apply(&event).await {
-                        Ok(outcome) => {
-                            log_outcome(&event, &outcome);
-                            self.store.set_jetstream_cursor(event.time_us).await.map_err(Into::into)
-                        }
-                        Err(e) => Err(e),
-                    };
-                    match applied {
-                        Ok(()) => {
-                            retry.reset();
-                            break;
-                        }
-                        Err(e) => {
-                            tracing::warn!(error = %e, label = e.label(), "Jetstream event failed; retrying it");
-                            tokio::select! {
-                                _ = stop.cancelled() => return,
-                                _ = tokio::time::sleep(retry.next_delay()) => {}
-                            }
-                        }
-                    }
-                }
-            }
+                let outcome = ingester.apply(&event).await?;
+                log_outcome(&event, &outcome);
+                store.set_jetstream_cursor(event.time_us).await?;
+                Ok(())
+            })
         };
-        tokio::join!(reader, processor);
+        ws::consume("jetstream", self.timing, self.queue, &stop, url, handle).await;
     }
 }
 
@@ -168,5 +129,138 @@ mod tests {
             subscribe_url("ws://127.0.0.1:1/subscribe", None),
             "ws://127.0.0.1:1/subscribe?wantedCollections=sh.tangled.spindle.member&wantedCollections=sh.tangled.repo&wantedCollections=sh.tangled.repo.collaborator"
         );
+    }
+}
+
+#[cfg(test)]
+mod socket_tests {
+    use super::*;
+    use crate::intake::ingest::Identity;
+    use crate::intake::knot::{KnotConsumer, KnotSources};
+    use crate::intake::pipeline::PipelineIntake;
+    use crate::intake::testkit::{
+        Act, FakeCollaborators, FakeWs, MockKube, collab, eventually, fast_timing, fixture, jetstream_frame,
+    };
+
+    const OWNER: &str = "did:plc:hbrpoigf3cbfnobm2o4rak3v";
+    const MEMBER: &str = "did:plc:rjnvgfygwwqc5hyfsxmecosf";
+    const COLLAB: &str = "did:plc:ogyr5xkxwnrekpk5yroudocu";
+
+    fn identity() -> Identity {
+        Identity { hostname: "spindle.example.com".into(), owner: OWNER.into() }
+    }
+
+    fn collections() -> &'static str {
+        "wantedCollections=sh.tangled.spindle.member&wantedCollections=sh.tangled.repo&wantedCollections=sh.tangled.repo.collaborator"
+    }
+
+    /// The fake Jetstream sends the member and repo fixtures (with a malformed frame between),
+    /// drops the connection, and on reconnect sends the collaborator and member-delete fixtures.
+    /// The reconnect asks for the last processed `time_us` minus the rewind, and the final cursor
+    /// is the last event's `time_us`.
+    #[tokio::test]
+    async fn applies_fixtures_in_order_across_a_disconnect() {
+        let dir = tempfile::tempdir().expect("dir");
+        let store = Store::open(dir.path().join("spindle.db")).expect("open");
+        let server = FakeWs::start(vec![
+            vec![
+                Act::Text(jetstream_frame("sh.tangled.spindle.member.create.json")),
+                Act::Text("not json at all".into()),
+                Act::Text(jetstream_frame("sh.tangled.repo.update.json")),
+                Act::Close,
+            ],
+            vec![
+                Act::Text(jetstream_frame("sh.tangled.repo.collaborator.create.json")),
+                Act::Text(jetstream_frame("sh.tangled.spindle.member.delete.json")),
+            ],
+        ])
+        .await;
+        let (sources, mut knots) = KnotSources::channel();
+        let source = FakeCollaborators {
+            pages: [(
+                MEMBER.to_owned(),
+                vec![vec![collab(
+                    "3m6r7nnazea2b",
+                    COLLAB,
+                    "at://did:plc:rjnvgfygwwqc5hyfsxmecosf/sh.tangled.repo/3m6pd65mx7k2b",
+                )]],
+            )]
+            .into(),
+            ..FakeCollaborators::default()
+        };
+        let ingester = Ingester::new(store.clone(), identity(), Arc::new(source), sources);
+        let jetstream = Jetstream::new(format!("ws://{}/subscribe", server.host()), store.clone(), ingester)
+            .with_timing(fast_timing());
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(jetstream.run(stop.clone()));
+        let s = &store;
+        eventually(10, "member delete applied", || async move {
+            s.jetstream_cursor().await.ok().flatten() == Some(1764866401004517)
+        })
+        .await;
+        stop.cancel();
+        task.await.expect("stops");
+
+        let requests = server.requests();
+        assert_eq!(requests[0], format!("/subscribe?{}", collections()));
+        assert_eq!(
+            requests[1],
+            format!("/subscribe?cursor={}&{}", 1764348007123456_i64 - 5_000_000, collections())
+        );
+        assert_eq!(knots.try_recv().expect("knot source"), "knot1.tangled.sh");
+        assert!(store.can_manage_repo(MEMBER, "hello-spindle", COLLAB).await.expect("q"));
+        assert!(store.member_dids().await.expect("m").is_empty(), "member removed");
+        assert!(
+            !store
+                .repo_accepts_pipelines("knot1.tangled.sh", MEMBER, "hello-spindle", OWNER)
+                .await
+                .expect("q"),
+            "a removed member's repo takes no new pipelines"
+        );
+    }
+
+    /// Everything wired as `serve` wires it: the member's repo record names a knot, repo
+    /// ingestion adds it as a source at runtime, the knot's push pipeline becomes two WorkflowRuns.
+    #[tokio::test]
+    async fn jetstream_repo_record_starts_the_knot_that_creates_workflow_runs() {
+        let dir = tempfile::tempdir().expect("dir");
+        let store = Store::open(dir.path().join("spindle.db")).expect("open");
+        let knot = FakeWs::start(vec![vec![Act::Text(
+            fixture("knot-events/pipeline-push.frame.txt").replace("knot1.tangled.sh", "{HOST}"),
+        )]])
+        .await;
+        let knot_host = knot.host();
+        let jet = FakeWs::start(vec![vec![
+            Act::Text(jetstream_frame("sh.tangled.spindle.member.create.json")),
+            Act::Text(jetstream_frame("sh.tangled.repo.update.json").replace("knot1.tangled.sh", &knot_host)),
+        ]])
+        .await;
+
+        let kube = MockKube::start();
+        let intake = Arc::new(PipelineIntake::new(store.clone(), Arc::new(kube.api("ci")), "ci", OWNER));
+        let (consumer, sources) = KnotConsumer::new(store.clone(), intake, true);
+        let consumer = consumer.with_timing(fast_timing());
+        let ingester =
+            Ingester::new(store.clone(), identity(), Arc::new(FakeCollaborators::default()), sources);
+        let jetstream = Jetstream::new(format!("ws://{}/subscribe", jet.host()), store.clone(), ingester)
+            .with_timing(fast_timing());
+        let stop = CancellationToken::new();
+        let tasks = [tokio::spawn(jetstream.run(stop.clone())), tokio::spawn(consumer.run(stop.clone()))];
+
+        let k = &kube;
+        eventually(10, "two WorkflowRuns", || async move { k.posted_names().len() == 2 }).await;
+        let (st, h) = (&store, &knot_host);
+        eventually(10, "pipeline marked", || async move {
+            st.pipeline_seen(h, "3m734z2gwll22").await.unwrap_or(false)
+        })
+        .await;
+        stop.cancel();
+        for t in tasks {
+            t.await.expect("stops");
+        }
+        assert_eq!(knot.requests(), ["/events"]);
+        let bodies: Vec<_> = kube.seen().into_iter().map(|s| s.body["spec"]["workflow"].clone()).collect();
+        assert_eq!(bodies, ["build.yml", "test.yml"]);
+        assert_eq!(store.events_after(0, 10).await.expect("events").len(), 2);
     }
 }

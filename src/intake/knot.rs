@@ -17,8 +17,11 @@ use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
+use futures::future::BoxFuture;
+
+use super::IntakeError;
 use super::pipeline::{Handled, PipelineIntake};
-use super::ws::{self, Backoff, Ended, Frame, Timing};
+use super::ws::{self, Frame, Timing};
 use crate::store::Store;
 
 /// Adds knot sources at runtime; cheap to clone, never blocks.
@@ -139,62 +142,25 @@ async fn consume(
     queue: usize,
     stop: CancellationToken,
 ) {
-    let (tx, mut rx) = mpsc::channel::<Frame>(queue);
-    let reader = {
-        let (knot, stop) = (knot.clone(), stop.clone());
-        async move {
-            let mut backoff = Backoff::new(timing.backoff_min, timing.backoff_max);
-            loop {
-                let cursor = match store.knot_cursor(&knot).await {
-                    Ok(c) => c,
-                    Err(e) => {
-                        tracing::error!(%knot, error = %e, "cannot read knot cursor");
-                        0
-                    }
-                };
-                let url = events_url(&knot, dev, cursor);
-                tracing::debug!(%knot, %url, "connecting to knot");
-                match ws::pump(&url, timing, &tx, &stop).await {
-                    Ended::Stopped => return,
-                    Ended::Disconnected { frames, reason } => {
-                        if frames > 0 {
-                            backoff.reset();
-                        }
-                        tracing::warn!(%knot, frames, %reason, "knot stream ended; reconnecting");
-                    }
-                }
-                tokio::select! {
-                    _ = stop.cancelled() => return,
-                    _ = tokio::time::sleep(backoff.next_delay()) => {}
-                }
-            }
-        }
+    let url = || -> BoxFuture<'static, String> {
+        let (store, knot) = (store.clone(), knot.clone());
+        Box::pin(async move {
+            let cursor = store.knot_cursor(&knot).await.unwrap_or_else(|e| {
+                tracing::error!(%knot, error = %e, "cannot read knot cursor");
+                0
+            });
+            events_url(&knot, dev, cursor)
+        })
     };
-    let processor = async {
-        let mut retry = Backoff::new(timing.backoff_min, timing.backoff_max);
-        while let Some(frame) = rx.recv().await {
-            if stop.is_cancelled() {
-                return;
-            }
-            loop {
-                match intake.handle(&knot, &frame).await {
-                    Ok(handled) => {
-                        log_handled(&knot, &handled);
-                        retry.reset();
-                        break;
-                    }
-                    Err(e) => {
-                        tracing::warn!(%knot, error = %e, label = e.label(), "pipeline intake failed; retrying the event");
-                        tokio::select! {
-                            _ = stop.cancelled() => return,
-                            _ = tokio::time::sleep(retry.next_delay()) => {}
-                        }
-                    }
-                }
-            }
-        }
+    let handle = |frame: Frame| -> BoxFuture<'static, Result<(), IntakeError>> {
+        let (intake, knot) = (intake.clone(), knot.clone());
+        Box::pin(async move {
+            let handled = intake.handle(&knot, &frame).await?;
+            log_handled(&knot, &handled);
+            Ok(())
+        })
     };
-    tokio::join!(reader, processor);
+    ws::consume(&format!("knot {knot}"), timing, queue, &stop, url, handle).await;
 }
 
 fn log_handled(knot: &str, handled: &Handled) {
@@ -206,5 +172,156 @@ fn log_handled(knot: &str, handled: &Handled) {
         Handled::Accepted { runs, failed } => {
             tracing::info!(%knot, runs = runs.len(), failed = failed.len(), "pipeline taken in")
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::intake::testkit::{Act, FakeWs, MockKube, eventually, fast_timing, fixture};
+    use crate::model::status::decode_tid;
+    use crate::store::intake::{self as q, RepoRow};
+
+    const OWNER: &str = "did:plc:hbrpoigf3cbfnobm2o4rak3v";
+    const MEMBER: &str = "did:plc:rjnvgfygwwqc5hyfsxmecosf";
+    const MARGIN_NS: i64 = 60_000_000_000;
+
+    /// A fixture frame rewritten to come from the fake knot serving it.
+    fn frame(name: &str) -> String {
+        fixture(&format!("knot-events/{name}")).replace("knot1.tangled.sh", "{HOST}")
+    }
+
+    async fn store_with_repo(dir: &tempfile::TempDir, knot: &str) -> Store {
+        let store = Store::open(dir.path().join("spindle.db")).expect("open");
+        let knot = knot.to_owned();
+        store
+            .transaction(move |tx| {
+                q::put_member(tx, OWNER, "m1", "spindle.example.com", MEMBER)?;
+                q::register_repo(
+                    tx,
+                    &RepoRow {
+                        knot,
+                        owner: MEMBER.into(),
+                        name: "hello-spindle".into(),
+                        rkey: "3m6pd65mx7k2b".into(),
+                    },
+                )
+            })
+            .await
+            .expect("register");
+        store
+    }
+
+    fn tid_cursor(rkey: &str) -> i64 {
+        decode_tid(rkey).expect("tid").0 as i64 * 1000 - MARGIN_NS
+    }
+
+    #[test]
+    fn urls_follow_dev_mode_and_cursor() {
+        assert_eq!(events_url("knot1.tangled.sh", false, 0), "wss://knot1.tangled.sh/events");
+        assert_eq!(events_url("localhost:6000", true, 17), "ws://localhost:6000/events?cursor=17");
+    }
+
+    /// The fake knot serves the push pipeline, a malformed frame, a binary frame and a refUpdate,
+    /// then drops the connection; on reconnect it replays the push pipeline and sends the pull
+    /// request one. Each workflow is requested once, and the cursors are the events' TID times.
+    #[tokio::test]
+    async fn consumes_fixtures_across_a_disconnect_without_duplicates() {
+        let dir = tempfile::tempdir().expect("dir");
+        let server = FakeWs::start(vec![
+            vec![
+                Act::Text(frame("pipeline-push.frame.txt")),
+                Act::Text("{this is not json".into()),
+                Act::Binary,
+                Act::Text(r#"{"event":{},"nsid":"sh.tangled.git.refUpdate","rkey":"3m734z2gwll23"}"#.into()),
+                Act::Drop,
+            ],
+            vec![
+                Act::Text(frame("pipeline-push.frame.txt")),
+                Act::Text(frame("pipeline-pull-request.frame.txt")),
+            ],
+        ])
+        .await;
+        let host = server.host();
+        let store = store_with_repo(&dir, &host).await;
+        let kube = MockKube::start();
+        let intake = Arc::new(PipelineIntake::new(store.clone(), Arc::new(kube.api("ci")), "ci", OWNER));
+        let (consumer, _sources) = KnotConsumer::new(store.clone(), intake, true);
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(consumer.with_timing(fast_timing()).run(stop.clone()));
+
+        let (st, h) = (&store, &host);
+        eventually(10, "pull request pipeline taken in", || async move {
+            st.pipeline_seen(h, "3m737bbo4pe22").await.unwrap_or(false)
+        })
+        .await;
+        stop.cancel();
+        task.await.expect("consumer stops");
+
+        let posted = kube.posted_names();
+        let mut unique = posted.clone();
+        unique.sort();
+        unique.dedup();
+        assert_eq!(posted.len(), 4, "two workflows per pipeline, the replay skipped: {posted:?}");
+        assert_eq!(unique.len(), 4);
+        assert!(kube.seen().iter().all(|s| s.method == "POST"));
+
+        let requests = server.requests();
+        assert_eq!(requests[0], "/events", "no cursor stored yet");
+        assert_eq!(requests[1], format!("/events?cursor={}", tid_cursor("3m734z2gwll23")));
+        assert_eq!(store.knot_cursor(&host).await.expect("cursor"), tid_cursor("3m737bbo4pe22"));
+        assert_eq!(store.events_after(0, 100).await.expect("events").len(), 4, "one pending per workflow");
+    }
+
+    /// A knot that stops answering (no pongs, no frames) is abandoned after the read deadline,
+    /// and a source added before `run` starts is consumed exactly once (B24).
+    #[tokio::test]
+    async fn half_open_connection_is_replaced_and_early_sources_start_once() {
+        let dir = tempfile::tempdir().expect("dir");
+        let server = FakeWs::start(vec![vec![Act::Stall], vec![]]).await;
+        let host = server.host();
+        let store = Store::open(dir.path().join("spindle.db")).expect("open");
+        let kube = MockKube::start();
+        let intake = Arc::new(PipelineIntake::new(store.clone(), Arc::new(kube.api("ci")), "ci", OWNER));
+        let (consumer, sources) = KnotConsumer::new(store.clone(), intake, true);
+        sources.add(&host);
+        sources.add(&host);
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(consumer.with_timing(fast_timing()).run(stop.clone()));
+        sources.add(&host);
+        let s = &server;
+        eventually(10, "a second connection after the stall", || async move { s.requests().len() >= 2 })
+            .await;
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        stop.cancel();
+        task.await.expect("stops");
+        assert_eq!(server.requests().len(), 2, "one consumer, reconnected once: {:?}", server.requests());
+    }
+
+    /// With the API server failing and a one-frame queue, every pipeline still gets its runs:
+    /// the reader waits for the processor instead of dropping (B12).
+    #[tokio::test]
+    async fn backpressure_never_drops_a_pipeline() {
+        let dir = tempfile::tempdir().expect("dir");
+        let script = (0..5)
+            .map(|i| {
+                let rkey = crate::model::status::encode_tid(1_764_753_710_415_000 + i, 0);
+                Act::Text(frame("pipeline-push.frame.txt").replace("3m734z2gwll22", &rkey))
+            })
+            .collect();
+        let server = FakeWs::start(vec![script]).await;
+        let host = server.host();
+        let store = store_with_repo(&dir, &host).await;
+        let kube = MockKube::start();
+        kube.fail_next(&[500, 503, 500]);
+        let intake = Arc::new(PipelineIntake::new(store.clone(), Arc::new(kube.api("ci")), "ci", OWNER));
+        let (consumer, _sources) = KnotConsumer::new(store.clone(), intake, true);
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(consumer.with_timing(fast_timing()).with_queue(1).run(stop.clone()));
+        let k = &kube;
+        eventually(10, "all ten workflow runs", || async move { k.existing().len() == 10 }).await;
+        stop.cancel();
+        task.await.expect("stops");
+        assert_eq!(store.events_after(0, 100).await.expect("events").len(), 10);
     }
 }

@@ -53,7 +53,8 @@ pub(crate) enum Act {
 }
 
 /// A WebSocket server on 127.0.0.1 that plays one script per accepted connection; after its
-/// script (or when scripts run out) a connection stays open and answers pings.
+/// script (or when scripts run out) a connection stays open and answers pings. `{HOST}` in a text
+/// frame becomes the server's own `127.0.0.1:<port>` (a knot's event-source key).
 pub(crate) struct FakeWs {
     pub addr: std::net::SocketAddr,
     requests: Arc<Mutex<Vec<String>>>,
@@ -70,7 +71,9 @@ impl FakeWs {
             while let Ok((tcp, _)) = listener.accept().await {
                 let script = scripts.lock().expect("lock").pop_front().unwrap_or_default();
                 let log = log.clone();
+                let host = addr.to_string();
                 tokio::spawn(async move {
+                    #[allow(clippy::result_large_err)] // the signature tungstenite's callback must have
                     let callback = |req: &WsRequest, resp: WsResponse| {
                         log.lock().expect("lock").push(req.uri().to_string());
                         Ok(resp)
@@ -81,7 +84,7 @@ impl FakeWs {
                     for act in script {
                         match act {
                             Act::Text(t) => {
-                                if ws.send(Message::Text(t.into())).await.is_err() {
+                                if ws.send(Message::Text(t.replace("{HOST}", &host).into())).await.is_err() {
                                     return;
                                 }
                             }

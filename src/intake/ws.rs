@@ -3,6 +3,7 @@
 
 use std::time::Duration;
 
+use futures::future::BoxFuture;
 use futures::{SinkExt, StreamExt};
 use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::Message;
@@ -151,6 +152,73 @@ pub async fn pump(url: &str, timing: Timing, tx: &mpsc::Sender<Frame>, stop: &Ca
             None => return Ended::Disconnected { frames, reason: "connection closed".into() },
         }
     }
+}
+
+/// Run one stream until `stop`: a reader that (re)connects to `url()` and feeds a bounded queue,
+/// and a processor that hands each frame to `handle` in order, retrying a frame whose handling
+/// fails (with backoff) rather than skipping it.
+///
+/// Before reconnecting, the reader waits until every frame it forwarded has been handled, so the
+/// cursor `url()` reads is current and a reconnect replays as little as possible.
+pub async fn consume(
+    what: &str,
+    timing: Timing,
+    queue: usize,
+    stop: &CancellationToken,
+    url: impl Fn() -> BoxFuture<'static, String>,
+    handle: impl Fn(Frame) -> BoxFuture<'static, Result<(), super::IntakeError>>,
+) {
+    let (tx, mut rx) = mpsc::channel::<Frame>(queue.max(1));
+    let (done_tx, mut done_rx) = tokio::sync::watch::channel(0usize);
+    let reader = async move {
+        let mut backoff = Backoff::new(timing.backoff_min, timing.backoff_max);
+        let mut sent = 0usize;
+        loop {
+            let target = url().await;
+            tracing::debug!(stream = what, url = %target, "connecting");
+            match pump(&target, timing, &tx, stop).await {
+                Ended::Stopped => return,
+                Ended::Disconnected { frames, reason } => {
+                    sent += frames;
+                    if frames > 0 {
+                        backoff.reset();
+                    }
+                    tracing::warn!(stream = what, frames, %reason, "stream ended; reconnecting");
+                }
+            }
+            let delay = tokio::time::sleep(backoff.next_delay());
+            let drained = done_rx.wait_for(|done| *done >= sent);
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = async { let _ = drained.await; delay.await } => {}
+            }
+        }
+    };
+    let processor = async {
+        let mut retry = Backoff::new(timing.backoff_min, timing.backoff_max);
+        while let Some(frame) = rx.recv().await {
+            loop {
+                if stop.is_cancelled() {
+                    return;
+                }
+                match handle(frame.clone()).await {
+                    Ok(()) => {
+                        retry.reset();
+                        break;
+                    }
+                    Err(e) => {
+                        tracing::warn!(stream = what, error = %e, label = e.label(), "frame failed; retrying it");
+                        tokio::select! {
+                            _ = stop.cancelled() => return,
+                            _ = tokio::time::sleep(retry.next_delay()) => {}
+                        }
+                    }
+                }
+            }
+            done_tx.send_modify(|d| *d += 1);
+        }
+    };
+    tokio::join!(reader, processor);
 }
 
 #[cfg(test)]
