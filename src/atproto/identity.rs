@@ -5,6 +5,11 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::registry::Registry;
+
 use super::cache::TtlCache;
 use super::did::{Did, DidDocument, DidError, is_valid_handle, parse_did};
 use super::http::{HttpClient, HttpError};
@@ -78,6 +83,36 @@ impl Default for CacheSettings {
 
 type Cached = Result<Identity, IdentityError>;
 
+/// Labels of one identity lookup: where the answer came from and how it ended.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LookupLabels {
+    /// `cache` or `network`.
+    pub source: &'static str,
+    /// `ok` or an [`IdentityError::label`].
+    pub outcome: &'static str,
+}
+
+/// Identity lookup counters; clones share the counts.
+#[derive(Debug, Clone, Default)]
+pub struct IdentityMetrics {
+    pub lookups: Family<LookupLabels, Counter>,
+}
+
+impl IdentityMetrics {
+    pub fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "bobbin_identity_lookups",
+            "DID resolutions, by source (cache or network) and outcome",
+            self.lookups.clone(),
+        );
+    }
+
+    fn record(&self, source: &'static str, result: &Cached) {
+        let outcome = result.as_ref().map_or_else(IdentityError::label, |_| "ok");
+        self.lookups.get_or_create(&LookupLabels { source, outcome }).inc();
+    }
+}
+
 /// Resolves DIDs to identities; clones share the cache and the HTTP pool.
 #[derive(Clone)]
 pub struct Resolver {
@@ -89,6 +124,7 @@ struct Inner {
     http: HttpClient,
     settings: CacheSettings,
     cache: Mutex<TtlCache<String, Cached>>,
+    metrics: IdentityMetrics,
 }
 
 impl std::fmt::Debug for Resolver {
@@ -106,7 +142,13 @@ impl Resolver {
     pub fn with_cache(plc_url: impl Into<String>, http: HttpClient, settings: CacheSettings) -> Self {
         let plc_url = plc_url.into().trim_end_matches('/').to_string();
         let cache = Mutex::new(TtlCache::new(settings.capacity));
-        Resolver { inner: Arc::new(Inner { plc_url, http, settings, cache }) }
+        let metrics = IdentityMetrics::default();
+        Resolver { inner: Arc::new(Inner { plc_url, http, settings, cache, metrics }) }
+    }
+
+    /// Counters to register with the server's registry.
+    pub fn metrics(&self) -> &IdentityMetrics {
+        &self.inner.metrics
     }
 
     pub fn http(&self) -> &HttpClient {
@@ -126,9 +168,11 @@ impl Resolver {
             Err(e) => return (Err(e.into()), false),
         };
         if let Some((cached, _)) = self.lock().get(&did.to_string(), Instant::now()) {
+            self.inner.metrics.record("cache", &cached);
             return (cached, true);
         }
         let result = self.fetch(&parsed).await;
+        self.inner.metrics.record("network", &result);
         let now = Instant::now();
         let ttl = if result.is_ok() { self.inner.settings.hit_ttl } else { self.inner.settings.error_ttl };
         self.lock().insert(did.to_string(), result.clone(), now, now + ttl);
@@ -291,6 +335,13 @@ pub(crate) mod tests {
         r.purge(ALICE).await;
         r.resolve(ALICE).await.expect("refetched");
         assert_eq!(srv.count(&format!("/plc/{ALICE}")), 2, "purge forces a refetch");
+
+        let mut registry = Registry::default();
+        r.metrics().register(&mut registry);
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).expect("encode");
+        assert!(text.contains(r#"bobbin_identity_lookups_total{source="network",outcome="ok"} 2"#), "{text}");
+        assert!(text.contains(r#"bobbin_identity_lookups_total{source="cache",outcome="ok"} 1"#), "{text}");
     }
 
     #[tokio::test]

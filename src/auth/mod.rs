@@ -7,6 +7,11 @@ pub mod jwt;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::registry::Registry;
+
 use crate::atproto::cache::TtlCache;
 use crate::atproto::{IdentityError, Resolver};
 
@@ -65,9 +70,41 @@ impl AuthError {
     }
 }
 
+/// The service DID a spindle answers to: `did:web:<SPINDLE_SERVER_HOSTNAME>`, verbatim (a
+/// `:port` is not percent-encoded, matching what the appview asks the PDS for).
+pub fn service_did(hostname: &str) -> String {
+    format!("did:web:{hostname}")
+}
+
+/// Labels of one verification: `ok` or an [`AuthError::label`].
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct VerifyLabels {
+    pub outcome: &'static str,
+}
+
+/// Service-auth counters; clones share the counts.
+#[derive(Debug, Clone, Default)]
+pub struct AuthMetrics {
+    pub verifications: Family<VerifyLabels, Counter>,
+}
+
+impl AuthMetrics {
+    pub fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "bobbin_service_auth_verifications",
+            "Service-auth token verifications, by outcome",
+            self.verifications.clone(),
+        );
+    }
+}
+
 /// How many token ids are remembered for replay detection. Tokens live about a minute, so
 /// this bounds memory while covering far more than any real request rate.
 const JTI_CAPACITY: usize = 100_000;
+
+/// At most one key-rotation refetch per issuer in this window.
+const REFETCH_INTERVAL: Duration = Duration::from_secs(30);
+const REFETCH_CAPACITY: usize = 10_000;
 
 /// Verifies service-auth tokens addressed to this spindle. Clones share the replay cache.
 #[derive(Clone)]
@@ -79,6 +116,10 @@ struct Inner {
     audience: String,
     resolver: Resolver,
     seen_jti: Mutex<TtlCache<(String, String), ()>>,
+    /// Issuers refetched after a signature failure recently: forged tokens naming a real DID
+    /// must not turn into one PLC request each.
+    refetched: Mutex<TtlCache<String, ()>>,
+    metrics: AuthMetrics,
 }
 
 impl std::fmt::Debug for ServiceAuth {
@@ -95,8 +136,15 @@ impl ServiceAuth {
                 audience: service_did.into(),
                 resolver,
                 seen_jti: Mutex::new(TtlCache::new(JTI_CAPACITY)),
+                refetched: Mutex::new(TtlCache::new(REFETCH_CAPACITY)),
+                metrics: AuthMetrics::default(),
             }),
         }
+    }
+
+    /// Counters to register with the server's registry.
+    pub fn metrics(&self) -> &AuthMetrics {
+        &self.inner.metrics
     }
 
     pub fn audience(&self) -> &str {
@@ -116,6 +164,16 @@ impl ServiceAuth {
         lxm: &str,
         now: i64,
     ) -> Result<String, AuthError> {
+        let result = self.check(authorization, lxm, now).await;
+        let outcome = result.as_ref().map_or_else(AuthError::label, |_| "ok");
+        self.inner.metrics.verifications.get_or_create(&VerifyLabels { outcome }).inc();
+        if let Err(e) = &result {
+            tracing::debug!(error = %e, lxm, "service auth refused");
+        }
+        result
+    }
+
+    async fn check(&self, authorization: Option<&str>, lxm: &str, now: i64) -> Result<String, AuthError> {
         let token = jwt::token_from_header(authorization)?;
         let t = jwt::decode(token)?;
         jwt::check_claims(&t.claims, &self.inner.audience, lxm, now)?;
@@ -132,7 +190,9 @@ impl ServiceAuth {
         match first {
             Ok(()) => {}
             // The cached document may predate a key rotation: refetch once.
-            Err(AuthError::BadSignature(_) | AuthError::NoSigningKey(_)) if cached => {
+            Err(AuthError::BadSignature(_) | AuthError::NoSigningKey(_))
+                if cached && self.may_refetch(iss) =>
+            {
                 tracing::debug!(did = iss, "signature check failed with a cached key; refetching");
                 resolver.purge(iss).await;
                 let identity = resolver.resolve(iss).await.map_err(AuthError::Identity)?;
@@ -146,6 +206,17 @@ impl ServiceAuth {
             self.check_replay(iss, jti, exp, now)?;
         }
         Ok(iss.to_string())
+    }
+
+    /// True at most once per [`REFETCH_INTERVAL`] for each issuer.
+    fn may_refetch(&self, iss: &str) -> bool {
+        let now = Instant::now();
+        let mut recent = self.inner.refetched.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if recent.get(&iss.to_string(), now).is_some() {
+            return false;
+        }
+        recent.insert(iss.to_string(), (), now, now + REFETCH_INTERVAL);
+        true
     }
 
     /// Remember (iss, jti) until the token expires; a second use within that time is refused.
@@ -223,6 +294,12 @@ mod tests {
         }
     }
 
+    #[test]
+    fn service_did_is_the_bare_hostname() {
+        assert_eq!(service_did("spindle.example.com"), AUD);
+        assert_eq!(service_did("localhost:6555"), "did:web:localhost:6555");
+    }
+
     #[tokio::test]
     async fn high_s_signature_is_accepted() {
         let key = TestKey::K(k256_key("alice"));
@@ -296,6 +373,11 @@ mod tests {
         let t = token(&mallory, &header(&mallory), &payload(ALICE));
         auth.verify(Some(&bearer(&t)), ADD).await.expect_err("still wrong");
         assert_eq!(srv.count(&format!("/plc/{ALICE}")), 2, "purge and retry once");
+        for _ in 0..3 {
+            let t = token(&mallory, &header(&mallory), &payload(ALICE));
+            auth.verify(Some(&bearer(&t)), ADD).await.expect_err("forged");
+        }
+        assert_eq!(srv.count(&format!("/plc/{ALICE}")), 2, "at most one refetch per 30 s");
 
         // A P-256 token for a K-256 identity.
         let p = TestKey::P(p256_key("alice"));
@@ -336,6 +418,13 @@ mod tests {
         auth.verify(Some(&bearer(&t)), ADD).await.expect("first use");
         let err = auth.clone().verify(Some(&bearer(&t)), ADD).await.expect_err("replay");
         assert_eq!(err, AuthError::Replayed);
+
+        let mut registry = Registry::default();
+        auth.metrics().register(&mut registry);
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).expect("encode");
+        assert!(text.contains(r#"bobbin_service_auth_verifications_total{outcome="ok"} 1"#), "{text}");
+        assert!(text.contains(r#"bobbin_service_auth_verifications_total{outcome="replayed"} 1"#), "{text}");
         // Tokens without jti cannot be tracked and are accepted repeatedly.
         let n = now();
         let t = token(&key, &header(&key), &json!({"iss": ALICE, "aud": AUD, "exp": n + 60}));
