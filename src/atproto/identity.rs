@@ -2,6 +2,7 @@
 //! with a bounded cache: hits live 24 h, errors 2 min (as the Go spindle's indigo directory),
 //! so a burst of requests from one user costs one lookup.
 
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -125,6 +126,25 @@ struct Inner {
     settings: CacheSettings,
     cache: Mutex<TtlCache<String, Cached>>,
     metrics: IdentityMetrics,
+    inflight: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+/// Removes a DID's fetch gate once its last user is done, also when the lookup is cancelled.
+struct InflightGate<'a> {
+    resolver: &'a Resolver,
+    did: &'a str,
+    gate: Arc<tokio::sync::Mutex<()>>,
+}
+
+impl Drop for InflightGate<'_> {
+    fn drop(&mut self) {
+        let mut map = self.resolver.inflight();
+        // Clones are only taken under the map lock, so the count is exact: map + us = 2.
+        if map.get(self.did).is_some_and(|g| Arc::ptr_eq(g, &self.gate)) && Arc::strong_count(&self.gate) == 2
+        {
+            map.remove(self.did);
+        }
+    }
 }
 
 impl std::fmt::Debug for Resolver {
@@ -143,7 +163,8 @@ impl Resolver {
         let plc_url = plc_url.into().trim_end_matches('/').to_string();
         let cache = Mutex::new(TtlCache::new(settings.capacity));
         let metrics = IdentityMetrics::default();
-        Resolver { inner: Arc::new(Inner { plc_url, http, settings, cache, metrics }) }
+        let inflight = Mutex::new(HashMap::new());
+        Resolver { inner: Arc::new(Inner { plc_url, http, settings, cache, metrics, inflight }) }
     }
 
     /// Counters to register with the server's registry.
@@ -167,9 +188,15 @@ impl Resolver {
             Ok(p) => p,
             Err(e) => return (Err(e.into()), false),
         };
-        if let Some((cached, _)) = self.lock().get(&did.to_string(), Instant::now()) {
-            self.inner.metrics.record("cache", &cached);
-            return (cached, true);
+        if let Some(hit) = self.cached(did) {
+            return (hit, true);
+        }
+        // One fetch per DID at a time: concurrent callers wait and then read the cache.
+        let gate = self.inflight().entry(did.to_string()).or_default().clone();
+        let gate = InflightGate { resolver: self, did, gate };
+        let _turn = gate.gate.lock().await;
+        if let Some(hit) = self.cached(did) {
+            return (hit, true);
         }
         let result = self.fetch(&parsed).await;
         self.inner.metrics.record("network", &result);
@@ -180,6 +207,16 @@ impl Resolver {
             tracing::debug!(did, error = %e, "identity resolution failed");
         }
         (result, false)
+    }
+
+    fn cached(&self, did: &str) -> Option<Cached> {
+        let (hit, _) = self.lock().get(&did.to_string(), Instant::now())?;
+        self.inner.metrics.record("cache", &hit);
+        Some(hit)
+    }
+
+    fn inflight(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<tokio::sync::Mutex<()>>>> {
+        self.inner.inflight.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Forget a DID so the next lookup refetches it (key rotation).
@@ -342,6 +379,31 @@ pub(crate) mod tests {
         prometheus_client::encoding::text::encode(&mut text, &registry).expect("encode");
         assert!(text.contains(r#"bobbin_identity_lookups_total{source="network",outcome="ok"} 2"#), "{text}");
         assert!(text.contains(r#"bobbin_identity_lookups_total{source="cache",outcome="ok"} 1"#), "{text}");
+    }
+
+    #[tokio::test]
+    async fn concurrent_lookups_share_one_fetch() {
+        let srv = TestServer::start().await;
+        let key = PublicKey::K256(*k256_key("alice").verifying_key());
+        srv.set_json(&format!("/plc/{ALICE}"), &did_doc(ALICE, &key, "https://x", "alice.test"));
+        srv.set_delay(Duration::from_millis(200));
+        let r = resolver(&srv);
+        let lookups = (0..8).map(|_| {
+            let r = r.clone();
+            tokio::spawn(async move { r.resolve(ALICE).await })
+        });
+        for res in futures::future::join_all(lookups).await {
+            res.expect("task").expect("resolves");
+        }
+        assert_eq!(srv.count(&format!("/plc/{ALICE}")), 1, "one fetch for eight callers");
+        assert!(r.inflight().is_empty(), "gates are cleaned up");
+
+        // A cancelled lookup leaves no gate behind either.
+        r.purge(ALICE).await;
+        let slow = r.clone();
+        let _ =
+            tokio::time::timeout(Duration::from_millis(50), async move { slow.resolve(ALICE).await }).await;
+        assert!(r.inflight().is_empty(), "cancelled lookup cleaned up");
     }
 
     #[tokio::test]
