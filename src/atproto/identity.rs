@@ -127,6 +127,7 @@ struct Inner {
     cache: Mutex<TtlCache<String, Cached>>,
     metrics: IdentityMetrics,
     inflight: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    handles: Mutex<TtlCache<String, Result<String, IdentityError>>>,
 }
 
 /// Removes a DID's fetch gate once its last user is done, also when the lookup is cancelled.
@@ -164,7 +165,8 @@ impl Resolver {
         let cache = Mutex::new(TtlCache::new(settings.capacity));
         let metrics = IdentityMetrics::default();
         let inflight = Mutex::new(HashMap::new());
-        Resolver { inner: Arc::new(Inner { plc_url, http, settings, cache, metrics, inflight }) }
+        let handles = Mutex::new(TtlCache::new(settings.capacity));
+        Resolver { inner: Arc::new(Inner { plc_url, http, settings, cache, metrics, inflight, handles }) }
     }
 
     /// Counters to register with the server's registry.
@@ -240,10 +242,23 @@ impl Resolver {
 
     /// Handle → DID through `https://<handle>/.well-known/atproto-did`. The DNS TXT method is
     /// not supported (no DNS client in the dependency graph); such handles fail with a clear error.
+    /// Answers are cached like DID lookups.
     pub async fn resolve_handle(&self, handle: &str) -> Result<String, IdentityError> {
         if !is_valid_handle(handle) {
             return Err(IdentityError::InvalidHandle(handle.to_string()));
         }
+        let handles = || self.inner.handles.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some((hit, _)) = handles().get(&handle.to_string(), Instant::now()) {
+            return hit;
+        }
+        let result = self.fetch_handle(handle).await;
+        let now = Instant::now();
+        let ttl = if result.is_ok() { self.inner.settings.hit_ttl } else { self.inner.settings.error_ttl };
+        handles().insert(handle.to_string(), result.clone(), now, now + ttl);
+        result
+    }
+
+    async fn fetch_handle(&self, handle: &str) -> Result<String, IdentityError> {
         let fail = |reason: String| IdentityError::HandleResolution { handle: handle.to_string(), reason };
         let resp = self.web_get(handle, "/.well-known/atproto-did").await.map_err(|e| fail(e.to_string()))?;
         if !resp.status.is_success() {
@@ -503,11 +518,15 @@ pub(crate) mod tests {
         assert!(err.to_string().starts_with("failed to resolve handle mallory.test"), "{err}");
 
         assert_eq!(r.resolve_authority("not a handle").await.expect_err("syntax").label(), "invalid_handle");
+        let well_known = srv.count("/.well-known/atproto-did");
+        r.resolve_authority("alice.test").await.expect("cached handle");
+        assert_eq!(srv.count("/.well-known/atproto-did"), well_known, "handle answers are cached");
+
         srv.set("/.well-known/atproto-did", 404, "");
         let err = r.resolve_handle("bob.test").await.expect_err("no well-known");
         assert_eq!(err.label(), "handle_resolution");
         assert!(err.to_string().contains("DNS TXT"), "{err}");
         srv.set("/.well-known/atproto-did", 200, "<html>");
-        assert_eq!(r.resolve_handle("bob.test").await.expect_err("garbage").label(), "handle_resolution");
+        assert_eq!(r.resolve_handle("carol.test").await.expect_err("garbage").label(), "handle_resolution");
     }
 }
