@@ -104,7 +104,7 @@ pub struct CollaboratorPage {
 }
 
 /// Where collaborator records come from: the owner's PDS in production (see
-/// `intake::ingest::AtprotoCollaborators`), a fake in tests.
+/// [`super::AtprotoCollaborators`]), a fake in tests.
 pub trait CollaboratorSource: Send + Sync {
     /// One page of `owner`'s `sh.tangled.repo.collaborator` records, starting at `cursor`.
     fn list_page<'a>(

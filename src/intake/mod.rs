@@ -10,6 +10,7 @@
 //! arrived for the read deadline, jittered exponential backoff, and a bounded channel between the
 //! socket reader and the processor, so a slow processor stops the reader instead of losing events.
 
+pub mod atproto_source;
 pub mod ingest;
 pub mod jetstream;
 pub mod knot;
@@ -19,6 +20,7 @@ pub mod ws;
 #[cfg(test)]
 mod testkit;
 
+pub use atproto_source::AtprotoCollaborators;
 pub use ingest::{CollaboratorPage, CollaboratorRecord, CollaboratorSource, Ingester};
 pub use jetstream::Jetstream;
 pub use knot::{KnotConsumer, KnotSources};
