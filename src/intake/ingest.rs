@@ -151,6 +151,22 @@ pub enum Outcome {
     CollaboratorRemoved(CollaboratorRow),
 }
 
+impl Outcome {
+    /// A short stable label for metrics.
+    pub fn label(&self) -> &'static str {
+        match self {
+            Outcome::Ignored(_) => "ignored",
+            Outcome::Refused(_) => "refused",
+            Outcome::MemberAdded { .. } => "member_added",
+            Outcome::MemberRemoved { .. } => "member_removed",
+            Outcome::RepoRegistered(_) => "repo_registered",
+            Outcome::RepoUnregistered(_) => "repo_unregistered",
+            Outcome::CollaboratorAdded(_) => "collaborator_added",
+            Outcome::CollaboratorRemoved(_) => "collaborator_removed",
+        }
+    }
+}
+
 /// Who we are, for the rules.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Identity {

@@ -16,9 +16,9 @@ use futures::future::BoxFuture;
 
 use tokio_util::sync::CancellationToken;
 
-use super::IntakeError;
 use super::ingest::{COLLECTIONS, Ingester, JetstreamEvent, Outcome};
 use super::ws::{self, Frame, Timing};
+use super::{IntakeError, IntakeMetrics};
 use crate::store::Store;
 
 /// How far before the stored cursor a connection starts.
@@ -47,6 +47,7 @@ pub struct Jetstream {
     timing: Timing,
     rewind: Duration,
     queue: usize,
+    metrics: IntakeMetrics,
 }
 
 impl Jetstream {
@@ -59,11 +60,17 @@ impl Jetstream {
             timing: Timing::default(),
             rewind: DEFAULT_REWIND,
             queue: 256,
+            metrics: IntakeMetrics::default(),
         }
     }
 
     pub fn with_timing(mut self, timing: Timing) -> Self {
         self.timing = timing;
+        self
+    }
+
+    pub fn with_metrics(mut self, metrics: IntakeMetrics) -> Self {
+        self.metrics = metrics;
         self
     }
 
@@ -75,6 +82,7 @@ impl Jetstream {
     /// Consume until `stop` is cancelled. Run this as a task.
     pub async fn run(self, stop: CancellationToken) {
         let rewind = self.rewind.as_micros() as i64;
+        let metrics = self.metrics;
         let (store, endpoint, ingester) = (self.store, Arc::new(self.endpoint), Arc::new(self.ingester));
         let url = || -> BoxFuture<'static, String> {
             let (store, endpoint) = (store.clone(), endpoint.clone());
@@ -87,22 +95,24 @@ impl Jetstream {
             })
         };
         let handle = |frame: Frame| -> BoxFuture<'static, Result<(), IntakeError>> {
-            let (store, ingester) = (store.clone(), ingester.clone());
+            let (store, ingester, metrics) = (store.clone(), ingester.clone(), metrics.clone());
             Box::pin(async move {
                 let event = match JetstreamEvent::parse(&frame.text) {
                     Ok(e) => e,
                     Err(e) => {
                         tracing::warn!(error = %e, "skipping malformed Jetstream frame");
+                        metrics.frame("jetstream", "malformed");
                         return Ok(());
                     }
                 };
                 let outcome = ingester.apply(&event).await?;
                 log_outcome(&event, &outcome);
+                metrics.frame("jetstream", outcome.label());
                 store.set_jetstream_cursor(event.time_us).await?;
                 Ok(())
             })
         };
-        ws::consume("jetstream", self.timing, self.queue, &stop, url, handle).await;
+        ws::consume("jetstream", "jetstream", &metrics, self.timing, self.queue, &stop, url, handle).await;
     }
 }
 

@@ -19,9 +19,9 @@ use tokio_util::sync::CancellationToken;
 
 use futures::future::BoxFuture;
 
-use super::IntakeError;
 use super::pipeline::{Handled, PipelineIntake};
 use super::ws::{self, Frame, Timing};
+use super::{IntakeError, IntakeMetrics};
 use crate::store::Store;
 
 /// Adds knot sources at runtime; cheap to clone, never blocks.
@@ -55,6 +55,7 @@ pub struct KnotConsumer {
     dev: bool,
     timing: Timing,
     queue: usize,
+    metrics: IntakeMetrics,
 }
 
 /// `wss://<knot>/events`, `ws://` in dev mode, with `?cursor=` only when non-zero (spec §3.2).
@@ -72,13 +73,27 @@ impl KnotConsumer {
     pub fn new(store: Store, intake: Arc<PipelineIntake>, dev: bool) -> (Self, KnotSources) {
         let (handle, sources) = KnotSources::channel();
         (
-            KnotConsumer { store, intake, sources, dev, timing: Timing::default(), queue: DEFAULT_QUEUE },
+            KnotConsumer {
+                store,
+                intake,
+                sources,
+                dev,
+                timing: Timing::default(),
+                queue: DEFAULT_QUEUE,
+                metrics: IntakeMetrics::default(),
+            },
             handle,
         )
     }
 
     pub fn with_timing(mut self, timing: Timing) -> Self {
         self.timing = timing;
+        self
+    }
+
+    /// Count reconnects and retries here (pass the same metrics as the [`PipelineIntake`]).
+    pub fn with_metrics(mut self, metrics: IntakeMetrics) -> Self {
+        self.metrics = metrics;
         self
     }
 
@@ -89,7 +104,7 @@ impl KnotConsumer {
 
     /// Consume every known knot until `stop` is cancelled. Run this as a task.
     pub async fn run(self, stop: CancellationToken) {
-        let KnotConsumer { store, intake, mut sources, dev, timing, queue } = self;
+        let KnotConsumer { store, intake, mut sources, dev, timing, queue, metrics } = self;
         let mut started = HashSet::new();
         let mut tasks = JoinSet::new();
         let initial = loop {
@@ -107,7 +122,15 @@ impl KnotConsumer {
         let mut start = |knot: String, tasks: &mut JoinSet<()>| {
             if started.insert(knot.clone()) {
                 tracing::info!(%knot, "knot source added");
-                tasks.spawn(consume(knot, store.clone(), intake.clone(), dev, timing, queue, stop.clone()));
+                tasks.spawn(consume(
+                    knot,
+                    store.clone(),
+                    intake.clone(),
+                    dev,
+                    (timing, queue),
+                    metrics.clone(),
+                    stop.clone(),
+                ));
             }
         };
         for knot in initial {
@@ -138,8 +161,8 @@ async fn consume(
     store: Store,
     intake: Arc<PipelineIntake>,
     dev: bool,
-    timing: Timing,
-    queue: usize,
+    (timing, queue): (Timing, usize),
+    metrics: IntakeMetrics,
     stop: CancellationToken,
 ) {
     let url = || -> BoxFuture<'static, String> {
@@ -160,7 +183,7 @@ async fn consume(
             Ok(())
         })
     };
-    ws::consume(&format!("knot {knot}"), timing, queue, &stop, url, handle).await;
+    ws::consume("knot", &format!("knot {knot}"), &metrics, timing, queue, &stop, url, handle).await;
 }
 
 fn log_handled(knot: &str, handled: &Handled) {
@@ -245,10 +268,15 @@ mod tests {
         let host = server.host();
         let store = store_with_repo(&dir, &host).await;
         let kube = MockKube::start();
-        let intake = Arc::new(PipelineIntake::new(store.clone(), Arc::new(kube.api("ci")), "ci", OWNER));
+        let metrics = IntakeMetrics::default();
+        let intake = Arc::new(
+            PipelineIntake::new(store.clone(), Arc::new(kube.api("ci")), "ci", OWNER)
+                .with_metrics(metrics.clone()),
+        );
         let (consumer, _sources) = KnotConsumer::new(store.clone(), intake, true);
         let stop = CancellationToken::new();
-        let task = tokio::spawn(consumer.with_timing(fast_timing()).run(stop.clone()));
+        let task =
+            tokio::spawn(consumer.with_timing(fast_timing()).with_metrics(metrics.clone()).run(stop.clone()));
 
         let (st, h) = (&store, &host);
         eventually(10, "pull request pipeline taken in", || async move {
@@ -271,6 +299,21 @@ mod tests {
         assert_eq!(requests[1], format!("/events?cursor={}", tid_cursor("3m734z2gwll23")));
         assert_eq!(store.knot_cursor(&host).await.expect("cursor"), tid_cursor("3m737bbo4pe22"));
         assert_eq!(store.events_after(0, 100).await.expect("events").len(), 4, "one pending per workflow");
+
+        let mut registry = prometheus_client::registry::Registry::default();
+        metrics.register(&mut registry);
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).expect("encode");
+        for line in [
+            r#"bobbin_intake_frames_total{stream="knot",outcome="accepted"} 2"#,
+            r#"bobbin_intake_frames_total{stream="knot",outcome="duplicate"} 1"#,
+            r#"bobbin_intake_frames_total{stream="knot",outcome="malformed"} 1"#,
+            r#"bobbin_intake_frames_total{stream="knot",outcome="ignored"} 1"#,
+            r#"bobbin_intake_workflows_total{result="created"} 4"#,
+            r#"bobbin_intake_reconnects_total{stream="knot",outcome="after_frames"} 1"#,
+        ] {
+            assert!(text.contains(line), "{line} missing from\n{text}");
+        }
     }
 
     /// A knot that stops answering (no pongs, no frames) is abandoned after the read deadline,

@@ -14,6 +14,7 @@ pub mod atproto_source;
 pub mod ingest;
 pub mod jetstream;
 pub mod knot;
+pub mod metrics;
 pub mod pipeline;
 pub mod ws;
 
@@ -24,6 +25,7 @@ pub use atproto_source::AtprotoCollaborators;
 pub use ingest::{CollaboratorPage, CollaboratorRecord, CollaboratorSource, Ingester};
 pub use jetstream::Jetstream;
 pub use knot::{KnotConsumer, KnotSources};
+pub use metrics::IntakeMetrics;
 pub use pipeline::{PipelineIntake, RunCreator};
 
 use crate::store::StoreError;

@@ -20,7 +20,7 @@ use futures::future::BoxFuture;
 use kube::api::{Api, ObjectMeta, PostParams};
 
 use super::ws::Frame;
-use super::{IntakeError, Result};
+use super::{IntakeError, IntakeMetrics, Result};
 use crate::crd::{TriggerSpec, WorkflowRun, WorkflowRunSpec};
 use crate::model::pipeline::PIPELINE_NSID;
 use crate::model::status::decode_tid;
@@ -185,6 +185,19 @@ pub enum Handled {
     Accepted { runs: Vec<String>, failed: Vec<(String, String)> },
 }
 
+impl Handled {
+    /// A short stable label for metrics.
+    pub fn label(&self) -> &'static str {
+        match self {
+            Handled::Malformed(_) => "malformed",
+            Handled::Ignored(_) => "ignored",
+            Handled::Duplicate => "duplicate",
+            Handled::Dropped(_) => "dropped",
+            Handled::Accepted { .. } => "accepted",
+        }
+    }
+}
+
 /// Points where a test can make intake "crash" (return an error and be dropped); no-ops otherwise.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum CrashPoint {
@@ -204,6 +217,7 @@ pub struct PipelineIntake {
     namespace: String,
     server_owner: String,
     cursor_margin: Duration,
+    metrics: IntakeMetrics,
     #[cfg(test)]
     crash: Option<CrashPoint>,
 }
@@ -223,9 +237,15 @@ impl PipelineIntake {
             namespace: namespace.into(),
             server_owner: server_owner.into(),
             cursor_margin: DEFAULT_CURSOR_MARGIN,
+            metrics: IntakeMetrics::default(),
             #[cfg(test)]
             crash: None,
         }
+    }
+
+    pub fn with_metrics(mut self, metrics: IntakeMetrics) -> Self {
+        self.metrics = metrics;
+        self
     }
 
     pub fn with_cursor_margin(mut self, margin: Duration) -> Self {
@@ -265,6 +285,20 @@ impl PipelineIntake {
     /// Handle one frame from knot source `knot`. `Err` means nothing was marked: retry the same
     /// frame later (it is idempotent).
     pub async fn handle(&self, knot: &str, frame: &Frame) -> Result<Handled> {
+        let handled = self.handle_inner(knot, frame).await?;
+        self.metrics.frame("knot", handled.label());
+        if let Handled::Accepted { runs, failed } = &handled {
+            for _ in runs {
+                self.metrics.workflow("created");
+            }
+            for _ in failed {
+                self.metrics.workflow("failed");
+            }
+        }
+        Ok(handled)
+    }
+
+    async fn handle_inner(&self, knot: &str, frame: &Frame) -> Result<Handled> {
         let envelope = match KnotEnvelope::parse(&frame.text) {
             Ok(e) => e,
             // Without an rkey there is no safe cursor to store; the next good frame moves it.

@@ -160,8 +160,11 @@ pub async fn pump(url: &str, timing: Timing, tx: &mpsc::Sender<Frame>, stop: &Ca
 ///
 /// Before reconnecting, the reader waits until every frame it forwarded has been handled, so the
 /// cursor `url()` reads is current and a reconnect replays as little as possible.
+#[allow(clippy::too_many_arguments)] // one call site per stream; a struct would only rename these
 pub async fn consume(
+    stream: &'static str,
     what: &str,
+    metrics: &super::IntakeMetrics,
     timing: Timing,
     queue: usize,
     stop: &CancellationToken,
@@ -180,6 +183,7 @@ pub async fn consume(
                 Ended::Stopped => return,
                 Ended::Disconnected { frames, reason } => {
                     sent += frames;
+                    metrics.reconnect(stream, if frames > 0 { "after_frames" } else { "without_frames" });
                     if frames > 0 {
                         backoff.reset();
                     }
@@ -208,6 +212,7 @@ pub async fn consume(
                     }
                     Err(e) => {
                         tracing::warn!(stream = what, error = %e, label = e.label(), "frame failed; retrying it");
+                        metrics.retry(stream, e.label());
                         tokio::select! {
                             _ = stop.cancelled() => return,
                             _ = tokio::time::sleep(retry.next_delay()) => {}
