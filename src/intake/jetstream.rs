@@ -146,8 +146,7 @@ mod tests {
 mod socket_tests {
     use super::*;
     use crate::intake::ingest::Identity;
-    use crate::intake::knot::{KnotConsumer, KnotSources};
-    use crate::intake::pipeline::PipelineIntake;
+    use crate::intake::knot::KnotSources;
     use crate::intake::testkit::{
         Act, FakeCollaborators, FakeWs, MockKube, collab, eventually, fast_timing, fixture, jetstream_frame,
     };
@@ -247,15 +246,21 @@ mod socket_tests {
         .await;
 
         let kube = MockKube::start();
-        let intake = Arc::new(PipelineIntake::new(store.clone(), Arc::new(kube.api("ci")), "ci", OWNER));
-        let (consumer, sources) = KnotConsumer::new(store.clone(), intake, true);
-        let consumer = consumer.with_timing(fast_timing());
-        let ingester =
-            Ingester::new(store.clone(), identity(), Arc::new(FakeCollaborators::default()), sources);
-        let jetstream = Jetstream::new(format!("ws://{}/subscribe", jet.host()), store.clone(), ingester)
-            .with_timing(fast_timing());
+        let mut config = crate::config::Config::for_tests();
+        config.dev = true;
+        config.jetstream_endpoint = format!("ws://{}/subscribe", jet.host());
+        let metrics = crate::intake::IntakeMetrics::default();
+        let intake = crate::intake::Intake::new(
+            &config,
+            store.clone(),
+            kube.client.clone(),
+            "ci",
+            Arc::new(FakeCollaborators::default()),
+            metrics,
+        )
+        .with_timing(fast_timing());
         let stop = CancellationToken::new();
-        let tasks = [tokio::spawn(jetstream.run(stop.clone())), tokio::spawn(consumer.run(stop.clone()))];
+        let task = tokio::spawn(intake.run(stop.clone()));
 
         let k = &kube;
         eventually(10, "two WorkflowRuns", || async move { k.posted_names().len() == 2 }).await;
@@ -265,9 +270,7 @@ mod socket_tests {
         })
         .await;
         stop.cancel();
-        for t in tasks {
-            t.await.expect("stops");
-        }
+        task.await.expect("stops");
         assert_eq!(knot.requests(), ["/events"]);
         let bodies: Vec<_> = kube.seen().into_iter().map(|s| s.body["spec"]["workflow"].clone()).collect();
         assert_eq!(bodies, ["build.yml", "test.yml"]);

@@ -9,6 +9,10 @@
 //! Both streams share [`ws`]: connect with a timeout, ping every 30 s, reconnect when no frame
 //! arrived for the read deadline, jittered exponential backoff, and a bounded channel between the
 //! socket reader and the processor, so a slow processor stops the reader instead of losing events.
+//!
+//! `serve` builds everything with [`Intake::new`] and runs [`Intake::run`] as one task. The
+//! construction order is what fixes B24: the knot consumer (and its [`KnotSources`]) exists before
+//! the Jetstream ingester that adds sources to it.
 
 pub mod atproto_source;
 pub mod ingest;
@@ -28,7 +32,13 @@ pub use knot::{KnotConsumer, KnotSources};
 pub use metrics::IntakeMetrics;
 pub use pipeline::{PipelineIntake, RunCreator};
 
-use crate::store::StoreError;
+use std::sync::Arc;
+
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::crd::WorkflowRun;
+use crate::store::{Store, StoreError};
 
 /// An intake failure. The label is stable for metrics.
 #[derive(Debug, thiserror::Error)]
@@ -58,3 +68,47 @@ impl IntakeError {
 }
 
 pub type Result<T, E = IntakeError> = std::result::Result<T, E>;
+
+/// Both intake streams, wired together.
+pub struct Intake {
+    pub jetstream: Jetstream,
+    pub knots: KnotConsumer,
+}
+
+impl Intake {
+    /// Wire Jetstream → ingestion rules → knot sources → pipeline intake → WorkflowRuns in
+    /// `namespace` (the resolved namespace: `config.namespace` or the client's default).
+    /// `collaborators` is normally [`AtprotoCollaborators`].
+    pub fn new(
+        config: &Config,
+        store: Store,
+        client: kube::Client,
+        namespace: &str,
+        collaborators: Arc<dyn CollaboratorSource>,
+        metrics: IntakeMetrics,
+    ) -> Intake {
+        let runs: Arc<dyn RunCreator> = Arc::new(kube::Api::<WorkflowRun>::namespaced(client, namespace));
+        let pipelines = Arc::new(
+            PipelineIntake::new(store.clone(), runs, namespace, config.owner.clone())
+                .with_metrics(metrics.clone()),
+        );
+        let (knots, sources) = KnotConsumer::new(store.clone(), pipelines, config.dev);
+        let me = ingest::Identity { hostname: config.hostname.clone(), owner: config.owner.clone() };
+        let ingester = Ingester::new(store.clone(), me, collaborators, sources);
+        Intake {
+            jetstream: Jetstream::new(config.jetstream_endpoint.clone(), store, ingester)
+                .with_metrics(metrics.clone()),
+            knots: knots.with_metrics(metrics),
+        }
+    }
+
+    /// Set both streams' connection timing.
+    pub fn with_timing(self, timing: ws::Timing) -> Self {
+        Intake { jetstream: self.jetstream.with_timing(timing), knots: self.knots.with_timing(timing) }
+    }
+
+    /// Run both streams until `stop` is cancelled.
+    pub async fn run(self, stop: CancellationToken) {
+        tokio::join!(self.jetstream.run(stop.clone()), self.knots.run(stop));
+    }
+}
