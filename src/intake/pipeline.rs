@@ -325,8 +325,15 @@ impl PipelineIntake {
             Ok(p) => p,
             Err(reason) => return drop(reason).await,
         };
+        // A pipeline intake already started (statuses exist from an attempt that crashed or
+        // hit an API outage) is finished whatever happened to the repo since, so none of its
+        // workflows is left `pending` forever.
         if let Some(repo) = record.trigger_metadata.as_ref().and_then(|t| t.repo.as_ref())
             && !self.store.repo_accepts_pipelines(knot, &repo.did, &repo.repo, &self.server_owner).await?
+            && !self
+                .store
+                .pipeline_has_statuses(&crate::model::ids::pipeline_uri(knot, &envelope.rkey))
+                .await?
         {
             return drop(format!(
                 "repo {}/{} on {knot} is not registered here, or its owner is no longer a member",
@@ -750,7 +757,11 @@ mod tests {
                 let err = crashing.handle(KNOT, &frame).await.expect_err("crash");
                 assert!(err.to_string().contains("injected crash"), "{point:?}: {err}");
                 assert!(!store.pipeline_seen(KNOT, "3m7bbbbbbbb22").await.expect("seen"), "{point:?}");
-                // The controller may already have moved the first workflow on.
+                // The controller may already have moved the first workflow on, or the member may
+                // have left meanwhile: a pipeline whose intake started is still finished.
+                if point == CrashPoint::AfterStatus(1) {
+                    store.transaction(|tx| q::delete_member(tx, OWNER, "m1")).await.expect("remove member");
+                }
                 if point == CrashPoint::AfterCreate(0) {
                     let id = WorkflowId::new(KNOT, "3m7bbbbbbbb22", "a.yml");
                     store

@@ -279,6 +279,19 @@ impl Store {
         .await
     }
 
+    /// Has any status been recorded for pipeline `pipeline_uri`? (Intake started taking it in.)
+    pub async fn pipeline_has_statuses(&self, pipeline_uri: &str) -> Result<bool> {
+        let uri = pipeline_uri.to_owned();
+        self.call(move |conn| {
+            Ok(conn
+                .prepare_cached("SELECT 1 FROM events WHERE pipeline = ?1 LIMIT 1")?
+                .query_row(params![uri], |_| Ok(()))
+                .optional()?
+                .is_some())
+        })
+        .await
+    }
+
     /// Every distinct knot of a registered repo: the knot sources at startup (spec §3.1).
     pub async fn repo_knots(&self) -> Result<Vec<String>> {
         self.call(|conn| {
