@@ -109,11 +109,14 @@ pub async fn pump(url: &str, timing: Timing, tx: &mpsc::Sender<Frame>, stop: &Ca
     let mut frames = 0usize;
     let mut ping =
         tokio::time::interval_at(tokio::time::Instant::now() + timing.ping_every, timing.ping_every);
+    // After a long wait on the processor, one ping is enough.
+    ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut deadline = tokio::time::Instant::now() + timing.read_deadline;
     loop {
         let msg = tokio::select! {
             _ = stop.cancelled() => {
-                let _ = ws.close(None).await;
+                // A peer that no longer reads must not hold up shutdown.
+                let _ = tokio::time::timeout(Duration::from_secs(1), ws.close(None)).await;
                 return Ended::Stopped;
             }
             _ = ping.tick() => {
