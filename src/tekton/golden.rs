@@ -317,6 +317,7 @@ fn metadata_pod_template_and_timeout() {
     let annotations = m.annotations.as_ref().expect("annotations");
     assert_eq!(annotations["bobbin.dev/commit"], "da4b9237bacccdf19c0760cab7aec4a8359010b0");
     assert_eq!(annotations["bobbin.dev/repo-did"], "did:plc:rjnvgfygwwqc5hyfsxmecosf");
+    assert_eq!(annotations["bobbin.dev/layout"], "per-step");
     let pod = pr.spec.task_run_template.as_ref().and_then(|t| t.pod_template.as_ref()).expect("pod");
     assert_eq!(pod.node_selector["kubernetes.io/arch"], "arm64");
     let sc = pod.security_context.as_ref().expect("sc");
@@ -342,6 +343,7 @@ fn metadata_pod_template_and_timeout() {
             .expect("translate");
     assert!(!pr.metadata.labels.as_ref().expect("labels").contains_key("bobbin.dev/knot"));
     assert_eq!(pr.metadata.annotations.as_ref().expect("a")["bobbin.dev/knot"], "localhost:3000");
+    assert_eq!(pr.metadata.annotations.as_ref().expect("a")["bobbin.dev/layout"], "packed");
     assert_eq!(pr.spec.timeouts.as_ref().and_then(|t| t.pipeline.as_deref()), Some("1h30m0s"));
     assert_eq!(pr.spec.status.as_deref(), Some("PipelineRunPending"));
     // Packed: requests only on the first workload step, limits on all of them.

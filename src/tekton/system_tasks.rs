@@ -2,6 +2,8 @@
 //! build time so every PipelineRun is self-contained. The YAML files stay installable on their own
 //! (`kubectl apply -f tekton/`), so they are the one place the system steps' scripts live.
 
+use std::sync::OnceLock;
+
 use serde::Deserialize;
 
 use super::types::EmbeddedTask;
@@ -48,14 +50,18 @@ fn load(file: &'static str, text: &str) -> Result<EmbeddedTask, SystemTaskError>
     Ok(manifest.spec)
 }
 
-/// The `setup` Task's spec (one step named `setup`).
+type Loaded = OnceLock<Result<EmbeddedTask, SystemTaskError>>;
+
+/// The `setup` Task's spec (one step named `setup`), parsed once.
 pub fn setup() -> Result<EmbeddedTask, SystemTaskError> {
-    load("tekton/setup-task.yaml", SETUP_YAML)
+    static SETUP: Loaded = OnceLock::new();
+    SETUP.get_or_init(|| load("tekton/setup-task.yaml", SETUP_YAML)).clone()
 }
 
-/// The `clone` Task's spec (one step named `clone`).
+/// The `clone` Task's spec (one step named `clone`), parsed once.
 pub fn clone() -> Result<EmbeddedTask, SystemTaskError> {
-    load("tekton/clone-task.yaml", CLONE_YAML)
+    static CLONE: Loaded = OnceLock::new();
+    CLONE.get_or_init(|| load("tekton/clone-task.yaml", CLONE_YAML)).clone()
 }
 
 /// The raw YAML documents, for tests that validate them as standalone Tasks.

@@ -82,6 +82,8 @@ pub mod keys {
     pub const MANAGED_BY: &str = "app.kubernetes.io/managed-by";
     pub const PIPELINE_URI: &str = "bobbin.dev/pipeline-uri";
     pub const COMMIT: &str = "bobbin.dev/commit";
+    /// `per-step` or `packed`: how to read the run's TaskRuns, whatever the config says today.
+    pub const LAYOUT: &str = "bobbin.dev/layout";
 }
 
 /// The settings translation depends on (a subset of [`Config`]).
@@ -303,8 +305,17 @@ pub fn translate(
     } else {
         None
     };
+    let mut metadata = object_meta(run, pipeline_run_name(run), settings.namespace.clone());
+    metadata.annotations.get_or_insert_default().insert(
+        keys::LAYOUT.to_owned(),
+        match settings.layout {
+            Layout::PerStep => "per-step",
+            Layout::Packed => "packed",
+        }
+        .to_owned(),
+    );
     Ok(PipelineRun {
-        metadata: object_meta(run, pipeline_run_name(run), settings.namespace.clone()),
+        metadata,
         spec: PipelineRunSpec {
             pipeline_spec: Some(PipelineSpec {
                 workspaces: vec![PipelineWorkspaceDeclaration { name: WORKSPACE.into() }],
