@@ -232,3 +232,27 @@ fn bad_files_and_flags_exit_2() {
     ]);
     assert_eq!(code, 0, "{err}");
 }
+
+/// What the README promises: the output goes straight into `kubectl apply`. Run with
+/// `cargo test --test cli -- --ignored` against a cluster with Tekton (`KUBECONFIG`).
+#[test]
+#[ignore = "needs a cluster with Tekton"]
+fn kubectl_accepts_the_rendered_pipelineruns() {
+    use std::io::Write;
+    for layout in ["per-step", "packed"] {
+        let event = shared("spec/fixtures/knot-events/pipeline-pull-request.json");
+        let (code, out, err) =
+            bobbin(&["render", "--event", event.to_str().expect("utf-8"), "--layout", layout]);
+        assert_eq!(code, 0, "{err}");
+        let mut kubectl = Command::new("kubectl")
+            .args(["apply", "--dry-run=server", "--validate=strict", "-f", "-"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("kubectl");
+        kubectl.stdin.take().expect("stdin").write_all(out.as_bytes()).expect("write");
+        let result = kubectl.wait_with_output().expect("kubectl output");
+        assert!(result.status.success(), "{layout}: {}", String::from_utf8_lossy(&result.stderr));
+    }
+}
