@@ -511,6 +511,11 @@ fn bad_runs_are_errors_with_labels() {
     run.spec.environment.insert(String::new(), "x".into());
     assert_eq!(go(&run, &[]).label(), "bad_env_name");
     run.spec.environment.clear();
+    run.spec.architecture = Some("x86 64".into());
+    assert_eq!(go(&run, &[]).label(), "bad_architecture");
+    run.spec.architecture = None;
+    run.spec.image = Some("golang 1.25".into());
+    assert_eq!(go(&run, &[]).label(), "bad_image");
     run.spec.image = None;
     assert_eq!(go(&run, &[]), TranslateError::Plan(PlanError::MissingImage("kubernetes".into())));
     run.spec.steps.clear();
