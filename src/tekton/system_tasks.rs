@@ -95,6 +95,51 @@ mod tests {
         assert!(bad.to_string().contains("not a tekton.dev/v1 Task"), "{bad}");
     }
 
+    /// Run the setup script with its absolute paths moved into a temp dir: it creates the
+    /// directories and copies a read-only nix store into a writable one.
+    #[test]
+    fn setup_script_prepares_the_volume_and_copies_the_nix_store() {
+        use std::os::unix::fs::PermissionsExt;
+        let tmp = tempfile::tempdir().expect("tmp");
+        let root = tmp.path().join("tangled");
+        let nix = tmp.path().join("nix");
+        let store = nix.join("store/abc-hello/bin");
+        std::fs::create_dir_all(&store).expect("mkdir");
+        std::fs::create_dir_all(nix.join("var/nix/db")).expect("mkdir");
+        std::fs::write(store.join("hello"), "#!/bin/sh\necho hi\n").expect("write");
+        for dir in [nix.join("store/abc-hello/bin"), nix.join("store/abc-hello"), nix.join("store")] {
+            std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o555)).expect("chmod");
+        }
+        std::fs::create_dir_all(&root).expect("mkdir");
+        let script = setup().expect("setup").steps[0].script.clone().expect("script");
+        let script = script
+            .replace("/nix/*", &format!("{}/*", nix.display()))
+            .replace("/tangled", &root.display().to_string());
+        let run = |arg: &str| {
+            std::process::Command::new("/bin/sh").args(["-c", &script, "setup", arg]).output().expect("sh")
+        };
+        let out = run("false");
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(root.join("workspace").is_dir() && root.join("home").is_dir());
+        assert!(!root.join(".nix").exists());
+        let out = run("true");
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(root.join(".nix/store/abc-hello/bin/hello").is_file());
+        assert!(root.join(".nix/var/nix/db").is_dir());
+        let mode = std::fs::metadata(root.join(".nix/store")).expect("store").permissions().mode();
+        assert_eq!(mode & 0o200, 0o200, "the copied store is writable by its owner");
+        // Leave the temp dir removable.
+        for dir in [
+            nix.join("store/abc-hello/bin"),
+            nix.join("store/abc-hello"),
+            nix.join("store"),
+            root.join(".nix/store/abc-hello/bin"),
+            root.join(".nix/store/abc-hello"),
+        ] {
+            std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        }
+    }
+
     /// Run the clone script with a real git against a local repository, as the Task would.
     #[test]
     fn clone_script_checks_out_the_commit_with_real_git() {
