@@ -444,7 +444,7 @@ fn shared_nix_store_is_mounted_after_setup() {
 #[test]
 fn user_commands_reach_the_shell_unchanged() {
     let mut run = fixture_run("simple-image.yml", TriggerKind::Push);
-    let tricky = "#!/usr/bin/env python3\necho $$ $(date) $(params.x)\n";
+    let tricky = "#!/usr/bin/env python3\n  echo $$ $(date) 'q' \"d\" \\ # x: y\n\tTAB\n\n";
     run.spec.steps[0].command = tricky.into();
     for (layout, _) in LAYOUTS {
         let pr = render(&run, layout);
@@ -454,6 +454,10 @@ fn user_commands_reach_the_shell_unchanged() {
         assert_eq!(shell::kubelet_expand(&step.args[0], &BTreeMap::new()), tricky);
         assert_eq!(step.working_dir.as_deref(), Some("/tangled/workspace"));
         assert_eq!(step.image, "golang:1.25-bookworm");
+        // What `bobbin render` prints reads back to the same arguments.
+        let back: PipelineRun =
+            crate::yaml::from_str(&crate::yaml::to_string(&pr).expect("yaml")).expect("parse");
+        assert_eq!((&back.metadata, &back.spec), (&pr.metadata, &pr.spec));
     }
 }
 
