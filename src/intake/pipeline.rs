@@ -12,12 +12,11 @@
 //! replay finds each workflow's status already present (not appended again) and each WorkflowRun
 //! already existing. After step 2 a replay is recognised by (knot, rkey) and skipped (B6).
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use futures::future::BoxFuture;
-use kube::api::{Api, ObjectMeta, PostParams};
+use kube::api::{Api, PostParams};
 
 use super::ws::Frame;
 use super::{IntakeError, IntakeMetrics, Result};
@@ -27,6 +26,7 @@ use crate::model::status::decode_tid;
 use crate::model::{KnotEnvelope, PipelineRecord, StatusKind, StatusRecord, WorkflowId, workflow};
 use crate::naming;
 use crate::store::Store;
+use crate::tekton::translate;
 
 /// Exit code of every workflow rejected at intake, as Go reports it.
 pub const INTAKE_EXIT_CODE: i64 = -1;
@@ -86,8 +86,9 @@ pub fn plan(
     Ok(plans)
 }
 
-/// The WorkflowRun for one parsed workflow: deterministic name, labels for `kubectl -l`, and the
-/// per-run Secret reference the controller fills.
+/// The WorkflowRun for one parsed workflow: deterministic name, the same labels and annotations
+/// as its PipelineRun (`kubectl get wfr,pr -l bobbin.dev/pipeline=…`), and the per-run Secret
+/// reference the controller fills.
 pub fn workflow_run(
     knot: &str,
     rkey: &str,
@@ -98,39 +99,11 @@ pub fn workflow_run(
     let mut spec = WorkflowRunSpec::new(knot, rkey, trigger, parsed);
     let name = naming::run_name(&spec.workflow_id());
     spec.secret_name = Some(naming::secret_name(&name));
-    let mut annotations = BTreeMap::from([
-        ("bobbin.dev/pipeline-uri".to_owned(), spec.workflow_id().pipeline_uri()),
-        ("bobbin.dev/repo-did".to_owned(), spec.trigger.repo.did.clone()),
-        ("bobbin.dev/repo-name".to_owned(), spec.trigger.repo.repo.clone()),
-    ]);
-    if let Some(sha) = spec.trigger.commit() {
-        annotations.insert("bobbin.dev/commit".to_owned(), sha.to_owned());
-    }
-    WorkflowRun {
-        metadata: ObjectMeta {
-            name: Some(name),
-            namespace: Some(namespace.to_owned()),
-            labels: Some(labels(&spec)),
-            annotations: Some(annotations),
-            ..ObjectMeta::default()
-        },
-        spec,
-        status: None,
-    }
-}
-
-/// The labels DESIGN.md gives a run's objects (values encoded where the raw text is not a valid
-/// label value; annotations carry the raw text).
-pub fn labels(spec: &WorkflowRunSpec) -> BTreeMap<String, String> {
-    BTreeMap::from([
-        ("app.kubernetes.io/managed-by".to_owned(), "bobbin".to_owned()),
-        ("bobbin.dev/knot".to_owned(), naming::encoded_label_value(&spec.knot)),
-        ("bobbin.dev/repo-did".to_owned(), naming::encoded_label_value(&spec.trigger.repo.did)),
-        ("bobbin.dev/repo".to_owned(), naming::encoded_label_value(&spec.trigger.repo.repo)),
-        ("bobbin.dev/pipeline".to_owned(), naming::encoded_label_value(&spec.pipeline_rkey)),
-        ("bobbin.dev/workflow".to_owned(), naming::encoded_label_value(&spec.workflow)),
-        ("bobbin.dev/trigger".to_owned(), spec.trigger.kind.as_str().to_owned()),
-    ])
+    let mut run = WorkflowRun::new(&name, spec);
+    run.metadata.namespace = Some(namespace.to_owned());
+    run.metadata.labels = Some(translate::labels(&run));
+    run.metadata.annotations = Some(translate::annotations(&run));
+    run
 }
 
 /// Result of asking the API server for a WorkflowRun.
@@ -485,6 +458,7 @@ mod tests {
                 assert_eq!(run.spec.secret_name.as_deref(), Some(naming::secret_name(&name).as_str()));
                 assert_eq!(run.metadata.namespace.as_deref(), Some(NS));
                 let labels = run.metadata.labels.clone().expect("labels");
+                assert_eq!(labels, translate::labels(&run), "labelled like its PipelineRun");
                 assert_eq!(labels["bobbin.dev/knot"], KNOT);
                 assert_eq!(labels["bobbin.dev/pipeline"], env.rkey);
                 assert_eq!(labels["app.kubernetes.io/managed-by"], "bobbin");
