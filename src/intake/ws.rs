@@ -244,4 +244,29 @@ mod tests {
         b.reset();
         assert!(b.next_delay() <= Duration::from_secs(1));
     }
+
+    /// `wss://` goes through rustls (a missing crypto provider would panic here): a peer that is
+    /// not TLS is a connect error, and shutdown interrupts a pending connect.
+    #[tokio::test]
+    async fn wss_uses_tls_and_failures_are_disconnects() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        tokio::spawn(async move {
+            while let Ok((mut tcp, _)) = listener.accept().await {
+                use tokio::io::AsyncWriteExt;
+                let _ = tcp.write_all(b"HTTP/1.1 400 Bad Request\r\n\r\n").await;
+            }
+        });
+        let (tx, _rx) = mpsc::channel(1);
+        let stop = CancellationToken::new();
+        let ended = pump(&format!("wss://{addr}/events"), Timing::default(), &tx, &stop).await;
+        assert!(
+            matches!(&ended, Ended::Disconnected { frames: 0, reason } if reason.starts_with("connect:")),
+            "{ended:?}"
+        );
+        let ended = pump(&format!("ws://{addr}/events"), Timing::default(), &tx, &stop).await;
+        assert!(matches!(ended, Ended::Disconnected { frames: 0, .. }), "{ended:?}");
+        stop.cancel();
+        assert_eq!(pump("ws://192.0.2.1:9/events", Timing::default(), &tx, &stop).await, Ended::Stopped);
+    }
 }
