@@ -154,6 +154,29 @@ impl Config {
             .unwrap_or_else(|e| unreachable!("defaults are valid: {e}"))
     }
 
+    /// For `bobbin render`: the environment and config file as `serve` reads them, except that the
+    /// server's required identity (hostname, owner) gets placeholders, since render serves nothing.
+    pub fn for_render(
+        var: impl Fn(&str) -> Option<String>,
+        read_file: impl Fn(&str) -> std::io::Result<String>,
+    ) -> Result<Self, ConfigError> {
+        Self::load(
+            |k| {
+                let value = var(k);
+                let placeholder = match k {
+                    "SPINDLE_SERVER_HOSTNAME" => Some("render.invalid"),
+                    "SPINDLE_SERVER_OWNER" => Some("did:plc:render"),
+                    _ => None,
+                };
+                match placeholder {
+                    Some(p) if value.as_deref().is_none_or(str::is_empty) => Some(p.to_owned()),
+                    _ => value,
+                }
+            },
+            read_file,
+        )
+    }
+
     /// Build from a variable lookup and a file reader (injected so tests need no process state).
     pub fn load(
         var: impl Fn(&str) -> Option<String>,
