@@ -66,7 +66,13 @@ mod tests {
         let now: Timestamp = "2026-11-22T12:00:00Z".parse().expect("ts");
         let day = Duration::from_secs(86_400);
         assert_eq!(ttl_state(&finished_at("2026-11-21T11:59:59Z"), day, now), Ttl::Expired);
-        assert_eq!(ttl_state(&finished_at("2026-11-22T11:00:00Z"), day, now), Ttl::After(Duration::from_secs(82_800)));
-        assert_eq!(ttl_state(&WorkflowRun::test("wf").with_phase(StatusKind::Running), day, now), Ttl::NotFinished);
+        assert_eq!(
+            ttl_state(&finished_at("2026-11-22T11:00:00Z"), day, now),
+            Ttl::After(Duration::from_secs(82_800))
+        );
+        assert_eq!(
+            ttl_state(&WorkflowRun::test("wf").with_phase(StatusKind::Running), day, now),
+            Ttl::NotFinished
+        );
     }
 }

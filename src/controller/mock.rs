@@ -55,8 +55,8 @@ impl Exchange {
         self
     }
 
-    /// The request body must contain every field given here, with these values (objects are
-    /// compared key by key, arrays and scalars exactly).
+    /// The request body must contain every field given here, with these values (objects key by
+    /// key, arrays element by element with the same length, scalars exactly).
     pub fn body(mut self, body: Value) -> Self {
         self.body = Some(body);
         self
@@ -84,6 +84,9 @@ pub fn contains(actual: &Value, expected: &Value) -> bool {
     match (actual, expected) {
         (Value::Object(a), Value::Object(e)) => {
             e.iter().all(|(k, ev)| a.get(k).is_some_and(|av| contains(av, ev)))
+        }
+        (Value::Array(a), Value::Array(e)) => {
+            a.len() == e.len() && a.iter().zip(e).all(|(a, e)| contains(a, e))
         }
         (a, e) => a == e,
     }

@@ -164,7 +164,8 @@ pub async fn reconcile(guard: Arc<DeserializeGuard<WorkflowRun>>, ctx: Arc<Conte
             if let Some(name) = &invalid.metadata.name {
                 let status = json!({"apiVersion": "bobbin.dev/v1alpha1", "kind": "WorkflowRun", "status": {
                     "phase": "failed", "message": format!("invalid WorkflowRun: {}", invalid.error)}});
-                ctx.runs()
+                // Through the guard again: the answer is the same malformed object.
+                Api::<DeserializeGuard<WorkflowRun>>::namespaced(ctx.client.clone(), &ctx.namespace)
                     .patch_status(name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&status))
                     .await?;
             }
@@ -261,8 +262,10 @@ async fn apply(run: &WorkflowRun, ctx: &Context) -> Result<Action> {
         .list(&ListParams::default().labels(&selector))
         .await?
         .items;
-    let pods: Vec<Pod> =
-        Api::<Pod>::namespaced(ctx.client.clone(), &ctx.namespace).list(&ListParams::default().labels(&selector)).await?.items;
+    let pods: Vec<Pod> = Api::<Pod>::namespaced(ctx.client.clone(), &ctx.namespace)
+        .list(&ListParams::default().labels(&selector))
+        .await?
+        .items;
     let mapped = status::map(&Observation {
         run,
         plan: &plan,
@@ -280,7 +283,13 @@ async fn apply(run: &WorkflowRun, ctx: &Context) -> Result<Action> {
 }
 
 /// Write the mapped status, report it, and decide when to look again.
-async fn settle(run: &WorkflowRun, plan: &Plan, pr_name: &str, mapped: Mapped, ctx: &Context) -> Result<Action> {
+async fn settle(
+    run: &WorkflowRun,
+    plan: &Plan,
+    pr_name: &str,
+    mapped: Mapped,
+    ctx: &Context,
+) -> Result<Action> {
     write_status(run, &mapped.status, ctx).await?;
     report(run, &mapped.records, ctx).await?;
     let phase = mapped.status.phase.unwrap_or(StatusKind::Pending);
@@ -303,7 +312,12 @@ async fn settle(run: &WorkflowRun, plan: &Plan, pr_name: &str, mapped: Mapped, c
 }
 
 /// A final status decided without Tekton: write it and report it.
-async fn conclude(run: &WorkflowRun, verdict: Verdict, last: Option<StatusKind>, ctx: &Context) -> Result<Action> {
+async fn conclude(
+    run: &WorkflowRun,
+    verdict: Verdict,
+    last: Option<StatusKind>,
+    ctx: &Context,
+) -> Result<Action> {
     if let Some(error) = &verdict.error {
         tracing::info!(%error, "run ends without a PipelineRun");
     }
@@ -334,7 +348,11 @@ async fn create(run: &WorkflowRun, ctx: &Context) -> Result<Result<PipelineRun, 
     desired.metadata.namespace = Some(ctx.namespace.clone());
     desired.metadata.labels.get_or_insert_with(Default::default).insert(RUN_LABEL.into(), name);
     if let Some(created) = &run.metadata.creation_timestamp {
-        desired.metadata.annotations.get_or_insert_with(Default::default).insert(QUEUED_AT.into(), created.0.to_string());
+        desired
+            .metadata
+            .annotations
+            .get_or_insert_with(Default::default)
+            .insert(QUEUED_AT.into(), created.0.to_string());
     }
 
     if !values.is_empty() {
@@ -403,7 +421,13 @@ async fn report(run: &WorkflowRun, records: &[StatusRecord], ctx: &Context) -> R
             (Some(e), None) => format!("workflow {}: {e}", record.status),
             _ => format!("workflow {}", record.status),
         };
-        let event = Event { type_, reason: reason.into(), note: Some(note), action: "Report".into(), secondary: None };
+        let event = Event {
+            type_,
+            reason: reason.into(),
+            note: Some(note),
+            action: "Report".into(),
+            secondary: None,
+        };
         if let Err(e) = ctx.recorder.publish(&event, &run.object_ref(&())).await {
             // The status is recorded; a lost Event must not make the next attempt skip it silently.
             tracing::warn!(error = %e, "could not publish Event");

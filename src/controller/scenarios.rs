@@ -38,8 +38,11 @@ struct FixedSecrets(BTreeMap<String, String>);
 
 impl SecretValues for FixedSecrets {
     fn values<'a>(&'a self, scope: &'a str) -> BoxFuture<'a, Result<BTreeMap<String, String>, SecretsError>> {
-        let values =
-            if scope == "did:plc:rjnvgfygwwqc5hyfsxmecosf/hello-spindle" { self.0.clone() } else { BTreeMap::new() };
+        let values = if scope == "did:plc:rjnvgfygwwqc5hyfsxmecosf/hello-spindle" {
+            self.0.clone()
+        } else {
+            BTreeMap::new()
+        };
         Box::pin(async move { Ok(values) })
     }
 }
@@ -77,10 +80,13 @@ async fn intake_reported_pending(store: &Store, run: &WorkflowRun) {
 }
 
 async fn reconcile_once(h: &Harness, run: &WorkflowRun) -> Action {
-    tokio::time::timeout(Duration::from_secs(10), reconcile(Arc::new(DeserializeGuard(Ok(run.clone()))), h.ctx.clone()))
-        .await
-        .expect("reconcile finished in time")
-        .expect("reconcile succeeded")
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        reconcile(Arc::new(DeserializeGuard(Ok(run.clone()))), h.ctx.clone()),
+    )
+    .await
+    .expect("reconcile finished in time")
+    .expect("reconcile succeeded")
 }
 
 /// (status, error, exitCode) of every status event in the store.
@@ -99,6 +105,11 @@ async fn reported(store: &Store) -> Vec<(StatusKind, Option<String>, Option<i64>
 
 fn list(kind: &str, items: Vec<Value>) -> Value {
     json!({"apiVersion": "v1", "kind": kind, "metadata": {"resourceVersion": "1"}, "items": items})
+}
+
+/// What the server answers to a write on the run (its content does not matter to the controller).
+fn ok_run() -> Value {
+    serde_json::to_value(run()).expect("json")
 }
 
 fn run() -> WorkflowRun {
@@ -132,8 +143,11 @@ fn recorded(n: usize) -> (PipelineRun, Vec<Value>) {
 }
 
 fn observe(exchanges: &mut Vec<Exchange>, pr: &PipelineRun, task_runs: Vec<Value>) {
-    exchanges.push(Exchange::get(&format!("{PRS}/{}", pr_name())).respond(200, serde_json::to_value(pr).expect("json")));
-    exchanges.push(Exchange::get(&format!("{TRS}{}", selector())).respond(200, list("TaskRunList", task_runs)));
+    exchanges.push(
+        Exchange::get(&format!("{PRS}/{}", pr_name())).respond(200, serde_json::to_value(pr).expect("json")),
+    );
+    exchanges
+        .push(Exchange::get(&format!("{TRS}{}", selector())).respond(200, list("TaskRunList", task_runs)));
     exchanges.push(Exchange::get(&format!("{PODS}{}", selector())).respond(200, list("PodList", vec![])));
 }
 
@@ -141,7 +155,10 @@ fn event(reason: &str, type_: &str) -> Exchange {
     Exchange::post(EVENTS)
         .body(json!({"reason": reason, "type": type_, "action": "Report", "reportingController": "bobbin",
             "regarding": {"kind": "WorkflowRun", "name": "wf", "namespace": NAMESPACE}}))
-        .respond(201, json!({"apiVersion": "events.k8s.io/v1", "kind": "Event", "metadata": {"name": "wf.1"}}))
+        .respond(
+            201,
+            json!({"apiVersion": "events.k8s.io/v1", "kind": "Event", "metadata": {"name": "wf.1"}}),
+        )
 }
 
 /// The PipelineRun the server echoes back after a create.
@@ -245,10 +262,19 @@ async fn already_exists_is_success() {
 #[tokio::test]
 async fn each_transition_is_written_reported_and_announced_once() {
     let events = watch_sequence("per-step-fail");
+    let mut state = ClusterState::default();
     let running_at = events
         .iter()
-        .position(|e| matches!(&e.object, super::fixtures::Recorded::TaskRun(_)))
-        .expect("a TaskRun")
+        .position(|e| {
+            state.apply(e);
+            !state.task_runs.is_empty()
+                && state
+                    .pipeline_run
+                    .as_ref()
+                    .and_then(|p| p.status.as_ref())
+                    .is_some_and(|s| !s.conditions.is_empty())
+        })
+        .expect("a running state")
         + 1;
     let (running_pr, running_trs) = recorded(running_at);
     let (failed_pr, failed_trs) = recorded(events.len());
@@ -259,7 +285,7 @@ async fn each_transition_is_written_reported_and_announced_once() {
     script.push(
         Exchange::patch(&status_path())
             .body(json!({"status": {"phase": "running", "pipelineRunName": pr_name()}}))
-            .respond(200, json!({})),
+            .respond(200, ok_run()),
     );
     script.push(event("Running", "Normal"));
     // 2. Step 2 exited 3: failed with the real exit code, step 3 skipped.
@@ -267,7 +293,7 @@ async fn each_transition_is_written_reported_and_announced_once() {
     script.push(
         Exchange::patch(&status_path())
             .body(json!({"status": {"phase": "failed", "exitCode": 3, "message": WORKFLOW_FAILED}}))
-            .respond(200, json!({})),
+            .respond(200, ok_run()),
     );
     script.push(event("Failed", "Warning"));
     let (client, server) = ApiServer::new(script);
@@ -334,17 +360,22 @@ async fn cancellation_patches_the_pipeline_run_then_reports_cancelled() {
     let cancelled = rename(state.pipeline_run.clone().expect("pr"));
 
     let mut script = vec![
-        Exchange::get(&format!("{PRS}/{}", pr_name())).respond(200, serde_json::to_value(&running).expect("json")),
+        Exchange::get(&format!("{PRS}/{}", pr_name()))
+            .respond(200, serde_json::to_value(&running).expect("json")),
         Exchange::patch(&format!("{PRS}/{}?", pr_name()))
             .content_type("application/merge-patch+json")
             .body(json!({"spec": {"status": "Cancelled"}}))
             .respond(200, serde_json::to_value(&running).expect("json")),
         Exchange::get(&format!("{TRS}{}", selector())).respond(200, list("TaskRunList", vec![])),
         Exchange::get(&format!("{PODS}{}", selector())).respond(200, list("PodList", vec![])),
-        Exchange::patch(&status_path()).body(json!({"status": {"phase": "running"}})).respond(200, json!({})),
+        Exchange::patch(&status_path()).body(json!({"status": {"phase": "running"}})).respond(200, ok_run()),
     ];
     observe(&mut script, &cancelled, vec![]);
-    script.push(Exchange::patch(&status_path()).body(json!({"status": {"phase": "cancelled"}})).respond(200, json!({})));
+    script.push(
+        Exchange::patch(&status_path())
+            .body(json!({"status": {"phase": "cancelled"}}))
+            .respond(200, ok_run()),
+    );
     script.push(event("Cancelled", "Normal"));
     let (client, server) = ApiServer::new(script);
     let h = harness(client, None);
@@ -404,21 +435,30 @@ async fn finished_runs_are_deleted_after_their_ttl() {
     ]);
     let h = harness(client, None);
     for s in [StatusKind::Pending, StatusKind::Running, StatusKind::Success] {
-        h.store.append_status(StatusRecord::new(&run.workflow_id(), s, Timestamp::now())).await.expect("status");
+        h.store
+            .append_status(StatusRecord::new(&run.workflow_id(), s, Timestamp::now()))
+            .await
+            .expect("status");
     }
     assert_eq!(reconcile_once(&h, &run).await, Action::await_change());
     server.done().await;
     assert_eq!(reported(&h.store).await.len(), 3, "nothing re-reported");
 
     // Not yet expired: no request at all, just a requeue for the remaining time.
-    let fresh = run.with_status(WorkflowRunStatus {
+    let fresh = run.clone().with_status(WorkflowRunStatus {
         phase: Some(StatusKind::Success),
         start_time: Some(Time(Timestamp::now())),
         completion_time: Some(Time(Timestamp::now())),
         ..Default::default()
     });
     let (client, server) = ApiServer::new(vec![]);
-    let h2 = Harness { ctx: harness(client, None).ctx, ..h };
+    let h2 = harness(client, None);
+    for s in [StatusKind::Pending, StatusKind::Running, StatusKind::Success] {
+        h2.store
+            .append_status(StatusRecord::new(&run.workflow_id(), s, Timestamp::now()))
+            .await
+            .expect("status");
+    }
     let action = reconcile_once(&h2, &fresh).await;
     server.done().await;
     assert_ne!(action, Action::await_change());
@@ -437,7 +477,7 @@ async fn a_pipeline_run_deleted_behind_our_back_fails_the_run() {
         Exchange::get(&format!("{PRS}/{}", pr_name())).fail(404, "NotFound"),
         Exchange::patch(&status_path())
             .body(json!({"status": {"phase": "failed", "message": message, "exitCode": -1}}))
-            .respond(200, json!({})),
+            .respond(200, ok_run()),
         event("Failed", "Warning"),
     ]);
     let h = harness(client, None);
@@ -457,7 +497,9 @@ async fn an_untranslatable_run_fails_once_without_retrying() {
     run.spec.image = None;
     let error = "engine \"kubernetes\" needs an image: set spec.image";
     let (client, server) = ApiServer::new(vec![
-        Exchange::patch(&status_path()).body(json!({"status": {"phase": "failed", "message": error}})).respond(200, json!({})),
+        Exchange::patch(&status_path())
+            .body(json!({"status": {"phase": "failed", "message": error}}))
+            .respond(200, ok_run()),
         event("Failed", "Warning"),
     ]);
     let h = harness(client, None);
@@ -469,17 +511,17 @@ async fn an_untranslatable_run_fails_once_without_retrying() {
 
 #[tokio::test]
 async fn a_malformed_object_is_marked_and_left_alone() {
-    let guard: DeserializeGuard<WorkflowRun> = serde_json::from_value(json!({
+    let broken = json!({
         "apiVersion": "bobbin.dev/v1alpha1", "kind": "WorkflowRun",
         "metadata": {"name": "broken", "namespace": NAMESPACE, "uid": "u1"},
         "spec": {"knot": 7}
-    }))
-    .expect("guard");
+    });
+    let guard: DeserializeGuard<WorkflowRun> = serde_json::from_value(broken.clone()).expect("guard");
     assert!(guard.0.is_err());
     let (client, server) = ApiServer::new(vec![
         Exchange::patch(&format!("{RUNS}/broken/status?&force=true&fieldManager=bobbin"))
             .body(json!({"status": {"phase": "failed"}}))
-            .respond(200, json!({})),
+            .respond(200, ok_run()),
     ]);
     let h = harness(client, None);
     let action = reconcile(Arc::new(guard), h.ctx.clone()).await.expect("handled");
