@@ -15,6 +15,8 @@ pub mod status;
 #[cfg(test)]
 pub(crate) mod fixtures;
 #[cfg(test)]
+mod manifest_checks;
+#[cfg(test)]
 pub(crate) mod mock;
 #[cfg(test)]
 mod scenarios;

@@ -6,6 +6,9 @@
 //! their WorkflowRun's creation time, then name) whenever slots are free, with a merge patch that
 //! clears `spec.status`. A restart loses nothing and `tkn pr list` shows what waits. Only the
 //! promoter starts runs, so two reconciles can never both take the last slot.
+//!
+//! A slot is one workflow (one PipelineRun), not one pipeline as in Go: bobbin runs the workflows
+//! of a pipeline independently (B4), so the limit is on what actually uses the cluster.
 
 use std::sync::Arc;
 use std::time::Duration;

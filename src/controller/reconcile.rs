@@ -72,7 +72,9 @@ impl Error {
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
-/// A run whose steps started: what the log follower needs to attach to it.
+/// A run whose steps started: what the log follower needs to attach to it
+/// (`logs::RunTarget::new(&s.run, &s.plan, &s.pipeline_run, &s.namespace)`). `run.spec.secretName`
+/// is always set to the per-run Secret's name, so the follower can mask its values.
 #[derive(Debug, Clone)]
 pub struct StartedRun {
     pub run: WorkflowRun,
@@ -253,6 +255,12 @@ async fn apply(run: &WorkflowRun, ctx: &Context) -> Result<Action> {
         }
     };
 
+    let owner = pr.owner_references().iter().find(|o| o.controller == Some(true)).map(|o| o.uid.as_str());
+    if owner.is_some() && owner != run.metadata.uid.as_deref() {
+        // Another WorkflowRun with the same workflow id owns it: never steer someone else's run.
+        let verdict = Verdict::failed(format!("PipelineRun {pr_name} belongs to another WorkflowRun"), -1);
+        return conclude(run, verdict, last, ctx).await;
+    }
     if run.spec.cancel && !is_done(&pr) && pr.spec.status.as_deref() != Some(spec_status::CANCELLED) {
         cancel(&pr_api, &pr_name).await?;
     }
@@ -440,8 +448,11 @@ fn announce(run: &WorkflowRun, plan: &Plan, pr_name: &str, ctx: &Context) {
     let Some(uid) = run.metadata.uid.clone() else { return };
     let new = ctx.announced.lock().unwrap_or_else(|p| p.into_inner()).insert(uid);
     if new {
+        // The follower masks the values of the per-run Secret; name it even when intake did not.
+        let mut run = run.clone();
+        run.spec.secret_name = Some(translate::secret_name(&run));
         (ctx.on_run_started)(StartedRun {
-            run: run.clone(),
+            run,
             plan: plan.clone(),
             namespace: ctx.namespace.clone(),
             pipeline_run: pr_name.to_owned(),

@@ -166,7 +166,29 @@ fn created_pr() -> PipelineRun {
     let mut pr = PipelineRun::new(&pr_name(), Default::default());
     pr.metadata.namespace = Some(NAMESPACE.into());
     pr.spec.status = Some("PipelineRunPending".into());
+    pr.metadata.owner_references = crate::tekton::translate::owner_reference(&run()).map(|o| vec![o]);
     pr
+}
+
+#[tokio::test]
+async fn someone_elses_pipeline_run_is_never_touched() {
+    let mut theirs = created_pr();
+    if let Some(o) = theirs.metadata.owner_references.as_mut().and_then(|v| v.first_mut()) {
+        o.uid = "uid-other".into();
+    }
+    let message = format!("PipelineRun {} belongs to another WorkflowRun", pr_name());
+    let (client, server) = ApiServer::new(vec![
+        Exchange::get(&format!("{PRS}/{}", pr_name()))
+            .respond(200, serde_json::to_value(&theirs).expect("json")),
+        Exchange::patch(&status_path())
+            .body(json!({"status": {"phase": "failed", "message": message}}))
+            .respond(200, ok_run()),
+        event("Failed", "Warning"),
+    ]);
+    let h = harness(client, None);
+    intake_reported_pending(&h.store, &run()).await;
+    reconcile_once(&h, &run()).await;
+    server.done().await;
 }
 
 #[tokio::test]
