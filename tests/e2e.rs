@@ -149,7 +149,8 @@ async fn a_failing_step_fails_the_run_with_its_exit_code() {
             .spawn()
             .expect("start bobbin serve"),
     );
-    wait_for("bobbin to be ready", Duration::from_secs(60), || async move { ready(port).then_some(()) }).await;
+    wait_for("bobbin to be ready", Duration::from_secs(60), || async move { ready(port).then_some(()) })
+        .await;
 
     // A run with a passing and a failing step.
     let runs: Api<WorkflowRun> = Api::namespaced(client.clone(), &ns);
@@ -169,7 +170,9 @@ async fn a_failing_step_fails_the_run_with_its_exit_code() {
     assert_eq!(status.message.as_deref(), Some("workflow failed"));
     let steps: Vec<_> = status.steps.iter().map(|s| (s.name.as_str(), s.phase, s.exit_code)).collect();
     assert_eq!(steps, [("say ok", StepPhase::Succeeded, Some(0)), ("fail", StepPhase::Failed, Some(3))]);
-    assert!(status.pipeline_run_name.is_some() && status.start_time.is_some() && status.completion_time.is_some());
+    assert!(
+        status.pipeline_run_name.is_some() && status.start_time.is_some() && status.completion_time.is_some()
+    );
 
     // Kubernetes Events for the transitions.
     let events: Api<Event> = Api::namespaced(client.clone(), &ns);

@@ -550,6 +550,9 @@ fn finished_verdict(c: &Condition, task_runs: &[&TaskRun], steps: &[ObservedStep
         Some(s) => Verdict::failed(WORKFLOW_FAILED, s.state.exit_code.unwrap_or(-1)),
         None if steps.iter().any(|s| s.oom) => Verdict::failed(OOM_KILLED, -1),
         None => {
+            if let Some(error) = task_failure(task_runs) {
+                return Verdict::failed(error, -1);
+            }
             let text = match (reason, message.as_deref()) {
                 ("" | "Failed", Some(m)) => m.to_owned(),
                 (r, Some(m)) => format!("{r}: {m}"),
@@ -559,6 +562,25 @@ fn finished_verdict(c: &Condition, task_runs: &[&TaskRun], steps: &[ObservedStep
             Verdict::failed(text, -1)
         }
     }
+}
+
+/// The `error` for a TaskRun that Tekton failed before any step could exit (its own setup
+/// failures, such as `TaskRunImagePullFailed`), in the Go spindle's words where it has them.
+fn task_failure(task_runs: &[&TaskRun]) -> Option<String> {
+    task_runs.iter().find_map(|tr| {
+        let c = succeeded(&tr.status.as_ref()?.conditions)?;
+        let reason = c.reason.as_deref().unwrap_or("");
+        if c.status != "False" || matches!(reason, "" | "Failed" | "StepFailed" | "TaskRunCancelled") {
+            return None;
+        }
+        let detail = c.message.clone().unwrap_or_else(|| reason.to_owned());
+        Some(match reason {
+            "TaskRunImagePullFailed" => format!("pulling image: {detail}"),
+            r if CONTAINER_REASONS.contains(&r) => format!("creating container: {detail}"),
+            r if TASKRUN_REFUSAL_REASONS.contains(&r) => format!("creating pod: {detail}"),
+            r => format!("{r}: {detail}"),
+        })
+    })
 }
 
 /// Something keeping the run from ever starting a step.
@@ -1027,6 +1049,32 @@ mod tests {
         let m = map_state(&run, &state, Some(Running), Timestamp::now());
         assert_eq!((m.status.phase, m.status.exit_code), (Some(Timeout), None));
         assert_eq!(m.records.last().map(|r| (r.status, r.error.clone())), Some((Timeout, None)));
+    }
+
+    #[test]
+    fn a_task_run_tekton_failed_before_any_step_names_the_reason() {
+        let run = WorkflowRun::test("wf").with_steps(&["build", "boom", "never"]);
+        let all = watch_sequence("per-step-fail").len();
+        let mut state = state_after("per-step-fail", all);
+        let boom = state
+            .task_runs
+            .values_mut()
+            .find(|t| t.metadata.name.as_deref().is_some_and(|n| n.ends_with("boom")))
+            .expect("boom");
+        let status = boom.status.as_mut().expect("status");
+        status.steps.clear();
+        status.conditions[0].reason = Some("TaskRunImagePullFailed".into());
+        status.conditions[0].message =
+            Some("the step \"run\" in TaskRun failed to pull the image \"nope:1\"".into());
+        let m = map_state(&run, &state, Some(Running), Timestamp::now());
+        assert_eq!(
+            m.records.last().map(|r| (r.status, r.error.clone(), r.exit_code)),
+            Some((
+                Failed,
+                Some("pulling image: the step \"run\" in TaskRun failed to pull the image \"nope:1\"".into()),
+                Some(-1)
+            ))
+        );
     }
 
     #[test]
