@@ -428,6 +428,20 @@ mod tests {
     }
 
     #[test]
+    fn render_needs_no_server_identity_but_checks_the_rest() {
+        let c = Config::for_render(|_| None, |_| Err(std::io::ErrorKind::NotFound.into())).expect("defaults");
+        assert_eq!(c.layout, Layout::PerStep);
+        let vars: BTreeMap<&str, &str> =
+            [("SPINDLE_SERVER_HOSTNAME", ""), ("BOBBIN_LAYOUT", "packed")].into();
+        let c =
+            Config::for_render(|k| vars.get(k).map(|v| v.to_string()), |_| Ok(String::new())).expect("ok");
+        assert_eq!(c.layout, Layout::Packed);
+        let e = Config::for_render(|k| (k == "BOBBIN_LAYOUT").then(|| "x".into()), |_| Ok(String::new()))
+            .expect_err("bad layout");
+        assert_eq!(e.variable, "BOBBIN_LAYOUT");
+    }
+
+    #[test]
     fn file_then_env() {
         let file = "layout: packed\nworkspaceSize: 5Gi\nresourceProfiles:\n  - nodeSelector: {kubernetes.io/arch: arm64}\n    resources: {limits: {cpu: '2'}}\n  - resources: {limits: {cpu: '1'}}\n";
         let mut vars = REQUIRED.to_vec();

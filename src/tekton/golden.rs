@@ -317,6 +317,7 @@ fn metadata_pod_template_and_timeout() {
     let annotations = m.annotations.as_ref().expect("annotations");
     assert_eq!(annotations["bobbin.dev/commit"], "da4b9237bacccdf19c0760cab7aec4a8359010b0");
     assert_eq!(annotations["bobbin.dev/repo-did"], "did:plc:rjnvgfygwwqc5hyfsxmecosf");
+    assert_eq!(annotations["bobbin.dev/layout"], "per-step");
     let pod = pr.spec.task_run_template.as_ref().and_then(|t| t.pod_template.as_ref()).expect("pod");
     assert_eq!(pod.node_selector["kubernetes.io/arch"], "arm64");
     let sc = pod.security_context.as_ref().expect("sc");
@@ -342,6 +343,7 @@ fn metadata_pod_template_and_timeout() {
             .expect("translate");
     assert!(!pr.metadata.labels.as_ref().expect("labels").contains_key("bobbin.dev/knot"));
     assert_eq!(pr.metadata.annotations.as_ref().expect("a")["bobbin.dev/knot"], "localhost:3000");
+    assert_eq!(pr.metadata.annotations.as_ref().expect("a")["bobbin.dev/layout"], "packed");
     assert_eq!(pr.spec.timeouts.as_ref().and_then(|t| t.pipeline.as_deref()), Some("1h30m0s"));
     assert_eq!(pr.spec.status.as_deref(), Some("PipelineRunPending"));
     // Packed: requests only on the first workload step, limits on all of them.
@@ -442,7 +444,7 @@ fn shared_nix_store_is_mounted_after_setup() {
 #[test]
 fn user_commands_reach_the_shell_unchanged() {
     let mut run = fixture_run("simple-image.yml", TriggerKind::Push);
-    let tricky = "#!/usr/bin/env python3\necho $$ $(date) $(params.x)\n";
+    let tricky = "#!/usr/bin/env python3\n  echo $$ $(date) 'q' \"d\" \\ # x: y\n\tTAB\n\n";
     run.spec.steps[0].command = tricky.into();
     for (layout, _) in LAYOUTS {
         let pr = render(&run, layout);
@@ -452,6 +454,10 @@ fn user_commands_reach_the_shell_unchanged() {
         assert_eq!(shell::kubelet_expand(&step.args[0], &BTreeMap::new()), tricky);
         assert_eq!(step.working_dir.as_deref(), Some("/tangled/workspace"));
         assert_eq!(step.image, "golang:1.25-bookworm");
+        // What `bobbin render` prints reads back to the same arguments.
+        let back: PipelineRun =
+            crate::yaml::from_str(&crate::yaml::to_string(&pr).expect("yaml")).expect("parse");
+        assert_eq!((&back.metadata, &back.spec), (&pr.metadata, &pr.spec));
     }
 }
 
@@ -509,6 +515,11 @@ fn bad_runs_are_errors_with_labels() {
     run.spec.environment.insert(String::new(), "x".into());
     assert_eq!(go(&run, &[]).label(), "bad_env_name");
     run.spec.environment.clear();
+    run.spec.architecture = Some("x86 64".into());
+    assert_eq!(go(&run, &[]).label(), "bad_architecture");
+    run.spec.architecture = None;
+    run.spec.image = Some("golang 1.25".into());
+    assert_eq!(go(&run, &[]).label(), "bad_image");
     run.spec.image = None;
     assert_eq!(go(&run, &[]), TranslateError::Plan(PlanError::MissingImage("kubernetes".into())));
     run.spec.steps.clear();

@@ -6,6 +6,11 @@
 //! `command`, `args` and `env[].value` go through the kubelet's `$(VAR)` expansion, which also
 //! turns `$$` into `$`, so every `$` is doubled: the shell then sees the text byte for byte
 //! (`echo $$`, `$(date)` and `$(HOME)` keep their shell meaning).
+//!
+//! One thing cannot be escaped: Tekton's own variables. A command containing `$(params.…)`,
+//! `$(context.…)` or `$(workspaces.…)` is substituted (or, for unknown params, rejected) by
+//! Tekton before the pod exists. In a shell those would run commands named `params.…`, so real
+//! workflows do not contain them.
 
 /// The wrapper as the shell sees it: `$1` is the user's command (`$0` is `bobbin-step`).
 pub const WRAPPER: &str =

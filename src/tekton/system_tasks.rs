@@ -2,6 +2,8 @@
 //! build time so every PipelineRun is self-contained. The YAML files stay installable on their own
 //! (`kubectl apply -f tekton/`), so they are the one place the system steps' scripts live.
 
+use std::sync::OnceLock;
+
 use serde::Deserialize;
 
 use super::types::EmbeddedTask;
@@ -48,14 +50,18 @@ fn load(file: &'static str, text: &str) -> Result<EmbeddedTask, SystemTaskError>
     Ok(manifest.spec)
 }
 
-/// The `setup` Task's spec (one step named `setup`).
+type Loaded = OnceLock<Result<EmbeddedTask, SystemTaskError>>;
+
+/// The `setup` Task's spec (one step named `setup`), parsed once.
 pub fn setup() -> Result<EmbeddedTask, SystemTaskError> {
-    load("tekton/setup-task.yaml", SETUP_YAML)
+    static SETUP: Loaded = OnceLock::new();
+    SETUP.get_or_init(|| load("tekton/setup-task.yaml", SETUP_YAML)).clone()
 }
 
-/// The `clone` Task's spec (one step named `clone`).
+/// The `clone` Task's spec (one step named `clone`), parsed once.
 pub fn clone() -> Result<EmbeddedTask, SystemTaskError> {
-    load("tekton/clone-task.yaml", CLONE_YAML)
+    static CLONE: Loaded = OnceLock::new();
+    CLONE.get_or_init(|| load("tekton/clone-task.yaml", CLONE_YAML)).clone()
 }
 
 /// The raw YAML documents, for tests that validate them as standalone Tasks.
@@ -87,6 +93,79 @@ mod tests {
         }
         let bad = load("x", "apiVersion: v1\nkind: Pod\nspec: {steps: []}\n").expect_err("not a Task");
         assert!(bad.to_string().contains("not a tekton.dev/v1 Task"), "{bad}");
+    }
+
+    /// Run the setup script with its absolute paths moved into a temp dir: it creates the
+    /// directories and copies a root-owned, read-only nix store into a writable one. When the test
+    /// runs as root (CI containers), the script runs as UID 1000 through `setpriv`, as in the pod.
+    #[test]
+    fn setup_script_prepares_the_volume_and_copies_the_nix_store() {
+        use std::os::unix::fs::PermissionsExt;
+        let chmod = |p: &std::path::Path, mode: u32| {
+            std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).expect("chmod")
+        };
+        let is_root = std::process::Command::new("id")
+            .arg("-u")
+            .output()
+            .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0");
+        let setpriv = is_root && std::path::Path::new("/usr/bin/setpriv").exists();
+        let script = setup().expect("setup").steps[0].script.clone().expect("script");
+
+        // per-step: the volume root belongs to the build user; packed: /tangled/.nix is an
+        // emptyDir mount root (root-owned, 0777) the script must not try to chmod or touch.
+        for packed in [false, true] {
+            let tmp = tempfile::tempdir().expect("tmp");
+            chmod(tmp.path(), 0o755);
+            let root = tmp.path().join("tangled");
+            let nix = tmp.path().join("nix");
+            let bin = nix.join("store/abc-hello/bin");
+            std::fs::create_dir_all(&bin).expect("mkdir");
+            std::fs::create_dir_all(nix.join("var/nix/db")).expect("mkdir");
+            std::fs::write(bin.join("hello"), "#!/bin/sh\necho hi\n").expect("write");
+            for dir in [bin.clone(), nix.join("store/abc-hello"), nix.join("store")] {
+                chmod(&dir, 0o555);
+            }
+            std::fs::create_dir_all(&root).expect("mkdir");
+            if setpriv {
+                std::os::unix::fs::chown(&root, Some(1000), Some(1000)).expect("chown");
+            }
+            if packed {
+                std::fs::create_dir(root.join(".nix")).expect("mkdir");
+                chmod(&root.join(".nix"), 0o777);
+            }
+            let script = script
+                .replace("/nix/*", &format!("{}/*", nix.display()))
+                .replace("/tangled", &root.display().to_string());
+            let run = |arg: &str| {
+                let mut cmd = if setpriv {
+                    let mut c = std::process::Command::new("/usr/bin/setpriv");
+                    c.args(["--reuid=1000", "--regid=1000", "--clear-groups", "/bin/sh"]);
+                    c
+                } else {
+                    std::process::Command::new("/bin/sh")
+                };
+                cmd.args(["-c", &script, "setup", arg]).output().expect("sh")
+            };
+            let out = run("false");
+            assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+            assert!(root.join("workspace").is_dir() && root.join("home").is_dir());
+            assert_eq!(root.join(".nix").exists(), packed);
+            let out = run("true");
+            assert!(out.status.success(), "packed={packed}: {}", String::from_utf8_lossy(&out.stderr));
+            assert!(root.join(".nix/store/abc-hello/bin/hello").is_file());
+            assert!(root.join(".nix/var/nix/db").is_dir());
+            let mode = std::fs::metadata(root.join(".nix/store")).expect("store").permissions().mode();
+            assert_eq!(mode & 0o200, 0o200, "the copied store is writable by its owner");
+            // Leave the temp dir removable.
+            for dir in [
+                bin,
+                nix.join("store/abc-hello"),
+                root.join(".nix/store/abc-hello/bin"),
+                root.join(".nix/store/abc-hello"),
+            ] {
+                chmod(&dir, 0o755);
+            }
+        }
     }
 
     /// Run the clone script with a real git against a local repository, as the Task would.

@@ -82,6 +82,8 @@ pub mod keys {
     pub const MANAGED_BY: &str = "app.kubernetes.io/managed-by";
     pub const PIPELINE_URI: &str = "bobbin.dev/pipeline-uri";
     pub const COMMIT: &str = "bobbin.dev/commit";
+    /// `per-step` or `packed`: how to read the run's TaskRuns, whatever the config says today.
+    pub const LAYOUT: &str = "bobbin.dev/layout";
 }
 
 /// The settings translation depends on (a subset of [`Config`]).
@@ -155,6 +157,10 @@ pub enum TranslateError {
     BadEnvName { field: String, name: String },
     #[error("secret {0:?} is not a valid environment variable name")]
     BadSecretKey(String),
+    #[error("architecture {0:?} cannot be a kubernetes.io/arch node selector")]
+    BadArchitecture(String),
+    #[error("image {0:?} contains whitespace")]
+    BadImage(String),
     #[error(transparent)]
     SystemTask(#[from] SystemTaskError),
 }
@@ -168,6 +174,8 @@ impl TranslateError {
             TranslateError::BadTimeout { .. } => "bad_timeout",
             TranslateError::BadEnvName { .. } => "bad_env_name",
             TranslateError::BadSecretKey(_) => "bad_secret_key",
+            TranslateError::BadArchitecture(_) => "bad_architecture",
+            TranslateError::BadImage(_) => "bad_image",
             TranslateError::SystemTask(_) => "system_task",
         }
     }
@@ -263,6 +271,14 @@ pub fn translate(
             .map_err(|reason| TranslateError::BadTimeout { value: text.clone(), reason })?,
         None => settings.default_timeout(spec.engine),
     };
+    if let Some(arch) =
+        plan.architecture.as_ref().filter(|a| naming::label_value(a).is_none_or(|v| v.is_empty()))
+    {
+        return Err(TranslateError::BadArchitecture(arch.clone()));
+    }
+    if plan.image.chars().any(char::is_whitespace) {
+        return Err(TranslateError::BadImage(plan.image.clone()));
+    }
     check_env_names("spec.environment", &spec.environment)?;
     for (i, step) in spec.steps.iter().enumerate() {
         check_env_names(&format!("spec.steps[{i}].environment"), &step.environment)?;
@@ -303,8 +319,17 @@ pub fn translate(
     } else {
         None
     };
+    let mut metadata = object_meta(run, pipeline_run_name(run), settings.namespace.clone());
+    metadata.annotations.get_or_insert_default().insert(
+        keys::LAYOUT.to_owned(),
+        match settings.layout {
+            Layout::PerStep => "per-step",
+            Layout::Packed => "packed",
+        }
+        .to_owned(),
+    );
     Ok(PipelineRun {
-        metadata: object_meta(run, pipeline_run_name(run), settings.namespace.clone()),
+        metadata,
         spec: PipelineRunSpec {
             pipeline_spec: Some(PipelineSpec {
                 workspaces: vec![PipelineWorkspaceDeclaration { name: WORKSPACE.into() }],
