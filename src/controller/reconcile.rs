@@ -39,6 +39,9 @@ use crate::tekton::{PipelineRun, TaskRun};
 
 /// How often a run still in flight is looked at without a watch event (pods are not watched).
 pub const RUNNING_RESYNC: Duration = Duration::from_secs(30);
+/// The same for a run still waiting in the queue: only its PipelineRun can change, and that is
+/// watched.
+pub const QUEUED_RESYNC: Duration = Duration::from_secs(300);
 /// Longest wait between retries of a failing reconcile.
 pub const MAX_BACKOFF: Duration = Duration::from_secs(300);
 
@@ -316,7 +319,8 @@ async fn settle(
         }
         return Ok(Action::requeue(ctx.run_ttl));
     }
-    Ok(Action::requeue(mapped.recheck_after.map_or(RUNNING_RESYNC, |d| d.min(RUNNING_RESYNC))))
+    let resync = if mapped.status.start_time.is_some() { RUNNING_RESYNC } else { QUEUED_RESYNC };
+    Ok(Action::requeue(mapped.recheck_after.map_or(resync, |d| d.min(resync))))
 }
 
 /// A final status decided without Tekton: write it and report it.

@@ -225,7 +225,7 @@ async fn first_reconcile_creates_the_secret_and_a_queued_pipeline_run() {
     intake_reported_pending(&h.store, &run).await;
     let action = reconcile_once(&h, &run).await;
     server.done().await;
-    assert_eq!(action, Action::requeue(super::reconcile::RUNNING_RESYNC));
+    assert_eq!(action, Action::requeue(super::reconcile::QUEUED_RESYNC));
     assert_eq!(reported(&h.store).await, [(StatusKind::Pending, None, None)], "pending only once");
     assert!(h.started.lock().expect("lock").is_empty(), "nothing started yet");
 }
@@ -244,6 +244,26 @@ fn mapped_status(run: &WorkflowRun, pr: &PipelineRun) -> WorkflowRunStatus {
         fail_fast_grace: Duration::from_secs(120),
     })
     .status
+}
+
+#[tokio::test]
+async fn a_new_run_first_gets_the_finalizer() {
+    let mut run = run();
+    run.metadata.finalizers = None;
+    let (client, server) = ApiServer::new(vec![
+        Exchange::patch(&format!("{RUNS}/wf?"))
+            .content_type("application/json-patch+json")
+            .body(json!([{"op": "test", "path": "/metadata/finalizers", "value": null},
+                {"op": "add", "path": "/metadata/finalizers", "value": [super::FINALIZER]}]))
+            .respond(200, ok_run()),
+    ]);
+    let h = harness(client, None);
+    assert_eq!(
+        reconcile_once(&h, &run).await,
+        Action::await_change(),
+        "the patch triggers the next reconcile"
+    );
+    server.done().await;
 }
 
 #[tokio::test]
@@ -557,4 +577,27 @@ fn backoff_is_bounded() {
     assert_eq!(backoff(1), Duration::from_secs(5));
     assert_eq!(backoff(3), Duration::from_secs(20));
     assert_eq!(backoff(40), super::reconcile::MAX_BACKOFF);
+}
+
+#[tokio::test]
+async fn serve_refuses_to_start_without_tekton_and_stays_unready() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let (client, server) = ApiServer::new(vec![Exchange::get("/apis/tekton.dev/v1").fail(404, "NotFound")]);
+    let (_dir, store) = crate::store::temp_store();
+    let ready = Arc::new(AtomicBool::new(false));
+    let deps = super::Deps {
+        client,
+        config: Arc::new(crate::config::Config::for_tests()),
+        namespace: NAMESPACE.into(),
+        store,
+        secrets: Arc::new(FixedSecrets(BTreeMap::new())),
+        ready: ready.clone(),
+        metrics: Arc::new(ControllerMetrics::default()),
+        on_run_started: Arc::new(|_| {}),
+        identity: super::default_identity(),
+    };
+    let e = super::run(deps, tokio_util::sync::CancellationToken::new()).await.expect_err("no Tekton");
+    server.done().await;
+    assert_eq!(e.label(), "no_tekton");
+    assert!(!ready.load(Ordering::SeqCst), "/readyz stays 503");
 }
