@@ -7,10 +7,14 @@
 //! clears `spec.status`. A restart loses nothing and `tkn pr list` shows what waits. Only the
 //! promoter starts runs, so two reconciles can never both take the last slot.
 //!
+//! `SPINDLE_SERVER_QUEUE_SIZE` bounds the backlog: a run that arrives when that many wait fails
+//! at once with a reason, instead of being dropped silently as Go does (B12).
+//!
 //! A slot is one workflow (one PipelineRun), not one pipeline as in Go: bobbin runs the workflows
 //! of a pipeline independently (B4), so the limit is on what actually uses the cluster.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use jiff::Timestamp;
@@ -108,17 +112,36 @@ pub async fn promote(api: &Api<PipelineRun>, max_active: usize) -> Result<Decisi
     Ok(decision)
 }
 
-/// Wakes the promoter; cheap to clone. Reconcile kicks it when a run is queued or finishes.
+/// Wakes the promoter and tracks the backlog; cheap to clone. Reconcile kicks it when a run is
+/// queued or finishes.
 #[derive(Debug, Clone, Default)]
-pub struct QueueKick(Arc<Notify>);
+pub struct QueueKick {
+    wake: Arc<Notify>,
+    /// Queued PipelineRuns: set by each promoter pass, counted up by each create in between.
+    queued: Arc<AtomicUsize>,
+}
 
 impl QueueKick {
     pub fn kick(&self) {
-        self.0.notify_one();
+        self.wake.notify_one();
+    }
+
+    /// How many runs wait for a slot (as of the last pass, plus those created since).
+    pub fn queued(&self) -> usize {
+        self.queued.load(Ordering::SeqCst)
+    }
+
+    /// A PipelineRun was just created held.
+    pub fn note_queued(&self) {
+        self.queued.fetch_add(1, Ordering::SeqCst);
+    }
+
+    fn set_queued(&self, n: usize) {
+        self.queued.store(n, Ordering::SeqCst);
     }
 
     async fn wait(&self) {
-        self.0.notified().await;
+        self.wake.notified().await;
     }
 }
 
@@ -132,7 +155,10 @@ pub async fn run_promoter(
 ) {
     loop {
         match promote(&api, max_active).await {
-            Ok(d) => metrics.set_queue(d.active, d.queued),
+            Ok(d) => {
+                metrics.set_queue(d.active, d.queued);
+                kick.set_queued(d.queued);
+            }
             Err(e) => tracing::warn!(error = %e, "queue pass failed; retrying"),
         }
         tokio::select! {

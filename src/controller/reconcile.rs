@@ -97,6 +97,8 @@ pub struct Context {
     pub settings: TranslateSettings,
     pub run_ttl: Duration,
     pub fail_fast_grace: Duration,
+    /// Most runs that may wait for a slot (`SPINDLE_SERVER_QUEUE_SIZE`).
+    pub queue_size: usize,
     pub store: Store,
     pub secrets: Arc<dyn SecretValues>,
     pub recorder: Recorder,
@@ -125,6 +127,7 @@ impl Context {
             namespace,
             settings: TranslateSettings::from(config),
             run_ttl: config.run_ttl,
+            queue_size: config.queue_size,
             fail_fast_grace: config.fail_fast_grace,
             store,
             secrets,
@@ -346,6 +349,16 @@ async fn conclude(
 /// Create the per-run Secret and the PipelineRun (held in the queue). `Ok(Err(verdict))` when
 /// the run cannot be translated: that is the run's outcome, not a reason to retry.
 async fn create(run: &WorkflowRun, ctx: &Context) -> Result<Result<PipelineRun, Verdict>> {
+    let waiting = ctx.queue.queued();
+    if waiting >= ctx.queue_size {
+        return Ok(Err(Verdict::failed(
+            format!(
+                "the queue is full: {waiting} runs are waiting (SPINDLE_SERVER_QUEUE_SIZE={})",
+                ctx.queue_size
+            ),
+            -1,
+        )));
+    }
     let repo = &run.spec.trigger.repo;
     let scope = secrets::scope(&repo.did, &repo.repo);
     let values =
@@ -387,6 +400,7 @@ async fn create(run: &WorkflowRun, ctx: &Context) -> Result<Result<PipelineRun, 
         Err(e) => return Err(e.into()),
     };
     tracing::info!(pipeline_run = %pr.name_any(), "created PipelineRun (queued)");
+    ctx.queue.note_queued();
     ctx.queue.kick();
     Ok(Ok(pr))
 }

@@ -601,3 +601,27 @@ async fn serve_refuses_to_start_without_tekton_and_stays_unready() {
     assert_eq!(e.label(), "no_tekton");
     assert!(!ready.load(Ordering::SeqCst), "/readyz stays 503");
 }
+
+#[tokio::test]
+async fn a_full_queue_fails_the_run_with_a_reason_instead_of_dropping_it() {
+    let run = run();
+    let error = "the queue is full: 100 runs are waiting (SPINDLE_SERVER_QUEUE_SIZE=100)";
+    let (client, server) = ApiServer::new(vec![
+        Exchange::get(&format!("{PRS}/{}", pr_name())).fail(404, "NotFound"),
+        Exchange::patch(&status_path())
+            .body(json!({"status": {"phase": "failed", "message": error}}))
+            .respond(200, ok_run()),
+        event("Failed", "Warning"),
+    ]);
+    let h = harness(client, None);
+    for _ in 0..100 {
+        h.ctx.queue.note_queued();
+    }
+    intake_reported_pending(&h.store, &run).await;
+    reconcile_once(&h, &run).await;
+    server.done().await;
+    assert_eq!(
+        reported(&h.store).await.last().cloned(),
+        Some((StatusKind::Failed, Some(error.into()), Some(-1)))
+    );
+}
