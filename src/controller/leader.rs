@@ -272,4 +272,34 @@ mod tests {
         elector.release().await.expect("release");
         server.done().await;
     }
+
+    #[tokio::test]
+    async fn holding_renews_and_notices_a_lost_lease() {
+        let ours = serde_json::to_value(lease(Some("me"), "2026-11-21T12:00:00Z", "9")).expect("json");
+        let theirs = serde_json::to_value(lease(Some("other"), "2999-01-01T00:00:00Z", "12")).expect("json");
+        let (client, server) = ApiServer::new(vec![
+            // One renewal, keeping the acquire time and transition count...
+            Exchange::get(&format!("{LEASES}/{LEASE_NAME}")).respond(200, ours.clone()),
+            Exchange::put(&format!("{LEASES}/{LEASE_NAME}?"))
+                .body(
+                    serde_json::json!({"metadata": {"resourceVersion": "9"}, "spec": {"holderIdentity": "me",
+                    "acquireTime": "2026-11-21T12:00:00.000000Z", "leaseTransitions": 3}}),
+                )
+                .respond(200, ours),
+            // ...then another replica holds it: stop leading.
+            Exchange::get(&format!("{LEASES}/{LEASE_NAME}")).respond(200, theirs),
+        ]);
+        let elector = LeaderElector::new(
+            Api::namespaced(client, "bobbin-test"),
+            LEASE_NAME,
+            "me",
+            Duration::from_millis(300),
+        );
+        let (stop, lost) = (CancellationToken::new(), CancellationToken::new());
+        tokio::time::timeout(Duration::from_secs(5), elector.hold(stop, lost.clone()))
+            .await
+            .expect("hold returns");
+        assert!(lost.is_cancelled());
+        server.done().await;
+    }
 }
