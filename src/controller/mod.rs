@@ -2,7 +2,19 @@
 //! clean up.
 //!
 //! [`run`] is what `bobbin serve` calls: startup checks, then (while this replica holds the
-//! Lease) the kube-runtime controller and the queue promoter, until shutdown.
+//! Lease) the kube-runtime controller and the queue promoter, until shutdown:
+//!
+//! ```ignore
+//! let metrics = Arc::new(controller::metrics::ControllerMetrics::default());
+//! metrics.register(&mut registry);
+//! let namespace = config.namespace.clone().unwrap_or_else(|| client.default_namespace().to_owned());
+//! let deps = controller::Deps {
+//!     client, config, namespace, store, secrets, ready, metrics,
+//!     on_run_started: Arc::new(move |started| { /* spawn the log follower */ }),
+//!     identity: controller::default_identity(),
+//! };
+//! controller::run(deps, shutdown).await?; // Err only from the startup checks
+//! ```
 
 pub mod cleanup;
 pub mod leader;

@@ -118,15 +118,8 @@ impl Verdict {
 pub fn map(obs: &Observation<'_>) -> Mapped {
     let current = obs.run.status.clone().unwrap_or_default();
     if let Some(phase) = current.phase.filter(|p| p.is_final()) {
-        let mut mapped = settled(obs.run, &current, phase, obs.last_reported, obs.now);
-        // Tekton keeps finishing TaskRuns after the verdict: keep the step view current.
-        if let Some(pr) = obs.pipeline_run {
-            let task_runs: Vec<&TaskRun> = obs.task_runs.iter().filter(|tr| belongs_to(tr, pr)).collect();
-            let mut steps = logged_states(step_states(obs.plan, pr, &task_runs, true));
-            stop_unfinished(&mut steps);
-            mapped.status.steps = steps;
-        }
-        return mapped;
+        // The verdict is written once and never revised (steps still going were marked then).
+        return settled(obs.run, &current, phase, obs.last_reported, obs.now);
     }
     let Some(pr) = obs.pipeline_run else {
         // Not created yet: the reconciler creates it; nothing changes meanwhile.
