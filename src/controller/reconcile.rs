@@ -272,10 +272,7 @@ async fn apply(run: &WorkflowRun, ctx: &Context) -> Result<Action> {
     }
 
     let selector = format!("{LABEL_PIPELINE_RUN}={pr_name}");
-    let task_runs: Vec<TaskRun> = Api::<TaskRun>::namespaced(ctx.client.clone(), &ctx.namespace)
-        .list(&ListParams::default().labels(&selector))
-        .await?
-        .items;
+    let task_runs = task_runs_of(&pr, &selector, ctx).await?;
     let pods: Vec<Pod> = Api::<Pod>::namespaced(ctx.client.clone(), &ctx.namespace)
         .list(&ListParams::default().labels(&selector))
         .await?
@@ -294,6 +291,23 @@ async fn apply(run: &WorkflowRun, ctx: &Context) -> Result<Action> {
         cancel(&pr_api, &pr_name).await?;
     }
     settle(run, &plan, &pr_name, mapped, ctx).await
+}
+
+/// The PipelineRun's TaskRuns: those labelled for it, plus any its `childReferences` name that the
+/// label missed (never the long-removed `status.taskRuns`). One that vanished is simply absent.
+async fn task_runs_of(pr: &PipelineRun, selector: &str, ctx: &Context) -> Result<Vec<TaskRun>> {
+    let api = Api::<TaskRun>::namespaced(ctx.client.clone(), &ctx.namespace);
+    let mut task_runs = api.list(&ListParams::default().labels(selector)).await?.items;
+    let children = pr.status.as_ref().map(|s| s.child_references.as_slice()).unwrap_or_default();
+    for child in children.iter().filter(|c| c.kind.is_empty() || c.kind == "TaskRun") {
+        if task_runs.iter().any(|t| t.metadata.name.as_deref() == Some(child.name.as_str())) {
+            continue;
+        }
+        if let Some(tr) = api.get_opt(&child.name).await? {
+            task_runs.push(tr);
+        }
+    }
+    Ok(task_runs)
 }
 
 /// Write the mapped status, report it, and decide when to look again.

@@ -388,8 +388,9 @@ async fn cancellation_patches_the_pipeline_run_then_reports_cancelled() {
     for e in &all {
         state.apply(e);
         if before_cancel.is_none()
-            && state.pipeline_run.as_ref().is_some_and(|p| p.spec.status.is_none() && p.status.is_some())
-            && state.task_runs.len() >= 2
+            && state.pipeline_run.as_ref().is_some_and(|p| {
+                p.spec.status.is_none() && p.status.as_ref().is_some_and(|s| s.child_references.len() >= 2)
+            })
         {
             before_cancel = Some(state.clone());
         }
@@ -398,8 +399,15 @@ async fn cancellation_patches_the_pipeline_run_then_reports_cancelled() {
         pr.metadata.name = Some(pr_name());
         pr
     };
-    let running = rename(before_cancel.expect("a running state").pipeline_run.expect("pr"));
+    let before_cancel = before_cancel.expect("a running state");
+    let running = rename(before_cancel.pipeline_run.clone().expect("pr"));
     let cancelled = rename(state.pipeline_run.clone().expect("pr"));
+    let children: Vec<String> = running
+        .status
+        .as_ref()
+        .map(|s| s.child_references.iter().map(|c| c.name.clone()).collect())
+        .unwrap_or_default();
+    assert!(children.len() >= 2, "{children:?}");
 
     let mut script = vec![
         Exchange::get(&format!("{PRS}/{}", pr_name()))
@@ -408,11 +416,24 @@ async fn cancellation_patches_the_pipeline_run_then_reports_cancelled() {
             .content_type("application/merge-patch+json")
             .body(json!({"spec": {"status": "Cancelled"}}))
             .respond(200, serde_json::to_value(&running).expect("json")),
+        // The label finds nothing: the TaskRuns named in childReferences are fetched one by one;
+        // the first is there, the second is already gone (and simply absent).
         Exchange::get(&format!("{TRS}{}", selector())).respond(200, list("TaskRunList", vec![])),
-        Exchange::get(&format!("{PODS}{}", selector())).respond(200, list("PodList", vec![])),
-        Exchange::patch(&status_path()).body(json!({"status": {"phase": "running"}})).respond(200, ok_run()),
+        Exchange::get(&format!("{TRS}/{}", children[0]))
+            .respond(200, serde_json::to_value(&before_cancel.task_runs[&children[0]]).expect("json")),
+        Exchange::get(&format!("{TRS}/{}", children[1])).fail(404, "NotFound"),
     ];
-    observe(&mut script, &cancelled, vec![]);
+    for child in &children[2..] {
+        script.push(Exchange::get(&format!("{TRS}/{child}")).fail(404, "NotFound"));
+    }
+    script.extend([
+        Exchange::get(&format!("{PODS}{}", selector())).respond(200, list("PodList", vec![])),
+        Exchange::patch(&status_path())
+            .body(json!({"status": {"phase": "running", "steps": [{"name": crate::plan::CLONE_STEP_NAME}, {"name": "build"}, {"name": "boom"}, {"name": "never"}]}}))
+            .respond(200, ok_run()),
+    ]);
+    let final_trs = state.task_runs().into_iter().map(|t| serde_json::to_value(t).expect("json")).collect();
+    observe(&mut script, &cancelled, final_trs);
     script.push(
         Exchange::patch(&status_path())
             .body(json!({"status": {"phase": "cancelled"}}))
