@@ -6,6 +6,7 @@
 //! a busy timeout, and [`migrations`] brings any older file up to the current schema on open.
 
 pub mod events;
+pub mod log_positions;
 pub mod migrations;
 
 use std::path::{Path, PathBuf};

@@ -1,0 +1,929 @@
+//! The follower: one task per running workflow that reads each step container's log through the
+//! Kubernetes API and appends masked LogLines to the workflow's file.
+//!
+//! Steps are followed one at a time in plan order, so lines never interleave and every step's
+//! `start` precedes its data and its `end` follows it. Where a step runs:
+//! - per-step layout: the TaskRun labelled `tekton.dev/pipelineTask=<plan task>`; its step
+//!   containers (`step-run` for user steps, `step-setup`/`step-clone` for system steps) in order;
+//! - packed layout: the one TaskRun whose Tekton steps include `<plan task>`; container
+//!   `step-<plan task>`.
+//!
+//! The stream is `pods/log?follow=true&timestamps=true`. kube ≥ 4 has no read timeout, so an idle
+//! stream is detected here and reopened with `sinceTime`; lines already written are skipped by
+//! (timestamp, count at that timestamp). The position is persisted with the file offset it covers;
+//! after a restart the file is cut back to that offset and following resumes from the position,
+//! so no line is lost or written twice.
+//!
+//! Secret values are read by the follower itself from the run's Secret (`spec.secretName`), so
+//! a resumed follower masks exactly like the first one; a missing Secret means the steps could not
+//! have started with it either.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::AsyncReadExt;
+use k8s_openapi::api::core::v1::{ContainerStatus, Pod, Secret};
+use kube::api::{Api, ListParams, LogParams};
+use serde::{Deserialize, Serialize};
+
+use super::file::{LogFile, log_path};
+use super::hub::{Appended, LogHub};
+use super::line::{LogLine, StepStatus, step_kind_code};
+use super::mask::Masker;
+use super::{LogError, LogSettings};
+use crate::crd::WorkflowRun;
+use crate::model::WorkflowId;
+use crate::plan::Plan;
+use crate::store::Store;
+use crate::store::log_positions::LogPosition;
+use crate::tekton::types::{LABEL_PIPELINE_RUN, LABEL_PIPELINE_TASK, succeeded};
+use crate::tekton::{PipelineRun, TaskRun};
+
+/// A logged step as the follower needs it (from the plan).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LoggedStep {
+    pub log_id: i64,
+    pub name: String,
+    /// Go's `step_kind`: 0 system, 1 user.
+    pub kind: i64,
+    pub command: String,
+    /// Pipeline task (per-step) or Tekton step (packed) name.
+    pub task: String,
+}
+
+/// Everything a follower needs to know about one run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunTarget {
+    pub id: WorkflowId,
+    /// The WorkflowRun uid: tells a new run of the same workflow from a resumed one.
+    pub run_uid: String,
+    pub namespace: String,
+    pub pipeline_run: String,
+    pub steps: Vec<LoggedStep>,
+    pub secret_name: Option<String>,
+}
+
+impl RunTarget {
+    /// Build from a WorkflowRun and its plan. The run must have been created by the API server
+    /// (it needs a uid).
+    pub fn new(
+        run: &WorkflowRun,
+        plan: &Plan,
+        pipeline_run: &str,
+        default_namespace: &str,
+    ) -> Result<Self, LogError> {
+        let run_uid =
+            run.metadata.uid.clone().ok_or_else(|| {
+                LogError::Invalid("the WorkflowRun has no uid (it was never stored)".into())
+            })?;
+        if pipeline_run.is_empty() {
+            return Err(LogError::Invalid("the PipelineRun name is empty".into()));
+        }
+        let steps = plan
+            .logged()
+            .filter_map(|s| {
+                Some(LoggedStep {
+                    log_id: s.log_id? as i64,
+                    name: s.name.clone(),
+                    kind: step_kind_code(s.kind),
+                    command: s.command.clone(),
+                    task: s.task.clone(),
+                })
+            })
+            .collect();
+        Ok(RunTarget {
+            id: run.workflow_id(),
+            run_uid,
+            namespace: run.metadata.namespace.clone().unwrap_or_else(|| default_namespace.to_owned()),
+            pipeline_run: pipeline_run.to_owned(),
+            steps,
+            secret_name: run.spec.secret_name.clone(),
+        })
+    }
+
+    pub fn log_file(&self) -> String {
+        self.id.log_file_name()
+    }
+}
+
+/// The follower's persisted progress (the `state` JSON of a [`LogPosition`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Progress {
+    /// Index into [`RunTarget::steps`] of the step being followed.
+    pub step: usize,
+    /// Its `start` line is written.
+    pub started: bool,
+    /// Index of the container being followed within the step.
+    pub container: usize,
+    /// Timestamp of the last complete kubelet line written for that container.
+    pub last_ts: Option<jiff::Timestamp>,
+    /// How many lines with exactly `last_ts` were written.
+    pub seen_at_ts: u64,
+    /// Lines written for that container (0 means nothing was read yet).
+    pub container_lines: u64,
+    /// Time of the last line written, to keep control-line times from going backwards.
+    pub last_time: Option<jiff::Timestamp>,
+    /// Every step is done.
+    pub done: bool,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Line assembly: bytes → (timestamp, masked content) segments.
+
+/// A piece of one kubelet line: the whole line, or a part of an over-long one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Segment {
+    /// The kubelet timestamp of the line (absent when the prefix is missing or malformed).
+    pub ts: Option<jiff::Timestamp>,
+    /// Masked content, trailing `\r` removed.
+    pub content: Vec<u8>,
+    /// First piece of its line.
+    pub first: bool,
+    /// Last piece of its line.
+    pub last: bool,
+}
+
+/// Splits a byte stream into lines, strips the `--timestamps` prefix, cuts over-long lines at
+/// safe points and masks secrets, all on complete data so that chunk boundaries never matter.
+#[derive(Debug)]
+pub struct LineAssembler {
+    cap: usize,
+    masker: Masker,
+    timestamps: bool,
+    pending: Vec<u8>,
+    /// Segments of the current line were already emitted.
+    in_line: bool,
+    /// The current line's prefix is parsed.
+    prefix_done: bool,
+    ts: Option<jiff::Timestamp>,
+}
+
+/// The longest `--timestamps` prefix we wait for before giving up on one.
+const MAX_PREFIX: usize = 40;
+
+impl LineAssembler {
+    /// `cap`: longest line content kept whole; `timestamps`: lines start with `<RFC 3339> `.
+    pub fn new(cap: usize, masker: Masker, timestamps: bool) -> Self {
+        LineAssembler {
+            cap: cap.max(1),
+            masker,
+            timestamps,
+            pending: Vec::new(),
+            in_line: false,
+            prefix_done: false,
+            ts: None,
+        }
+    }
+
+    /// Feed bytes; complete pieces go to `sink`.
+    pub fn push(&mut self, bytes: &[u8], sink: &mut impl FnMut(Segment)) {
+        self.pending.extend_from_slice(bytes);
+        let mut at = 0;
+        loop {
+            if self.timestamps && !self.prefix_done {
+                let rest = &self.pending[at..];
+                match memchr::memchr2(b' ', b'\n', &rest[..rest.len().min(MAX_PREFIX)]) {
+                    Some(i) if rest[i] == b' ' => {
+                        let parsed = std::str::from_utf8(&rest[..i]).ok().and_then(|s| s.parse().ok());
+                        if parsed.is_some() {
+                            at += i + 1;
+                        }
+                        self.ts = parsed;
+                        self.prefix_done = true;
+                    }
+                    Some(_) => {
+                        self.ts = None;
+                        self.prefix_done = true;
+                    }
+                    None if rest.len() >= MAX_PREFIX => {
+                        self.ts = None;
+                        self.prefix_done = true;
+                    }
+                    None => break,
+                }
+            }
+            let rest = &self.pending[at..];
+            if let Some(i) = memchr::memchr(b'\n', rest) {
+                let mut end = i;
+                while end > 0 && rest[end - 1] == b'\r' {
+                    end -= 1;
+                }
+                let content = self.masker.mask(&rest[..end]).into_owned();
+                sink(Segment { ts: self.ts, content, first: !self.in_line, last: true });
+                at += i + 1;
+                self.in_line = false;
+                self.prefix_done = false;
+                continue;
+            }
+            if rest.len() >= self.cap.saturating_add(self.masker.longest()) {
+                let cut = self.masker.safe_cut(rest, self.cap).max(1);
+                let content = self.masker.mask(&rest[..cut]).into_owned();
+                sink(Segment { ts: self.ts, content, first: !self.in_line, last: false });
+                at += cut;
+                self.in_line = true;
+                continue;
+            }
+            break;
+        }
+        self.pending.drain(..at);
+    }
+
+    /// The stream ended: emit what is left as the last piece of its line.
+    pub fn finish(&mut self, sink: &mut impl FnMut(Segment)) {
+        if self.timestamps && !self.prefix_done && !self.pending.is_empty() {
+            if let Some(i) = memchr::memchr(b' ', &self.pending) {
+                let parsed = std::str::from_utf8(&self.pending[..i]).ok().and_then(|s| s.parse().ok());
+                if parsed.is_some() {
+                    self.pending.drain(..=i);
+                }
+                self.ts = parsed;
+            } else {
+                self.ts = None;
+            }
+        }
+        if !self.pending.is_empty() || self.in_line {
+            let mut end = self.pending.len();
+            while end > 0 && self.pending[end - 1] == b'\r' {
+                end -= 1;
+            }
+            let content = self.masker.mask(&self.pending[..end]).into_owned();
+            sink(Segment { ts: self.ts, content, first: !self.in_line, last: true });
+        }
+        self.reset();
+    }
+
+    /// Drop a partial line (the connection broke; the kubelet will send it again).
+    pub fn reset(&mut self) {
+        self.pending.clear();
+        self.in_line = false;
+        self.prefix_done = false;
+        self.ts = None;
+    }
+
+    /// Segments of the current line were already emitted.
+    pub fn mid_line(&self) -> bool {
+        self.in_line
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Writing: LogLines → file + hub.
+
+/// The write side of one workflow's log: encoded lines are batched, appended to the file and then
+/// published to viewers (file first, so a viewer reading the file never misses a published line).
+#[derive(Debug)]
+pub struct RunLog {
+    file: LogFile,
+    hub: LogHub,
+    key: String,
+    buf: Vec<u8>,
+}
+
+impl RunLog {
+    pub fn new(file: LogFile, hub: LogHub, key: String) -> Self {
+        RunLog { file, hub, key, buf: Vec::with_capacity(64 * 1024) }
+    }
+
+    /// Queue one line.
+    pub fn push(&mut self, line: &LogLine) {
+        line.encode_into(&mut self.buf);
+        self.buf.push(b'\n');
+    }
+
+    /// Write queued lines and publish them.
+    pub fn flush(&mut self) -> Result<(), LogError> {
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        let offset = self.file.append(&self.buf)?;
+        self.hub.publish(&self.key, Appended { offset, bytes: Arc::from(self.buf.as_slice()) });
+        self.buf.clear();
+        Ok(())
+    }
+
+    /// Bytes in the file (queued lines not included).
+    pub fn offset(&self) -> u64 {
+        self.file.offset()
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The follower.
+
+/// Runs one workflow's follower to completion.
+pub struct Follower {
+    client: kube::Client,
+    store: Store,
+    hub: LogHub,
+    settings: LogSettings,
+    target: RunTarget,
+    progress: Progress,
+    log: Option<RunLog>,
+    masker: Masker,
+    last_persist: std::time::Instant,
+    /// The current step's start time, once its first container is seen running.
+    pending_start: Option<jiff::Timestamp>,
+}
+
+/// Where a step's output comes from right now.
+enum Source {
+    /// Not created yet.
+    Wait,
+    /// It will never run (skipped, or the run ended before it).
+    NeverRan,
+    Pod {
+        pod: String,
+        containers: Vec<String>,
+        taskrun: Box<TaskRun>,
+    },
+}
+
+/// How a container's log ended.
+enum Ended {
+    Terminated { finished: Option<jiff::Timestamp> },
+    NeverStarted,
+    Gone,
+}
+
+fn is_not_found(e: &kube::Error) -> bool {
+    matches!(e, kube::Error::Api(s) if s.code == 404)
+}
+
+impl Follower {
+    pub fn new(
+        client: kube::Client,
+        store: Store,
+        hub: LogHub,
+        settings: LogSettings,
+        target: RunTarget,
+    ) -> Self {
+        Follower {
+            client,
+            store,
+            hub,
+            settings,
+            target,
+            progress: Progress::default(),
+            log: None,
+            masker: Masker::none(),
+            last_persist: std::time::Instant::now(),
+            pending_start: None,
+        }
+    }
+
+    /// Follow until every step is done. Returns early (Ok) if this run was already followed to the
+    /// end.
+    pub async fn run(mut self) -> Result<(), LogError> {
+        let key = self.target.log_file();
+        let path = log_path(&self.settings.dir, &self.target.id);
+        let stored = self.store.log_position(&key).await?;
+        let (mut keep, mut progress) = match &stored {
+            Some(pos) if pos.run_uid == self.target.run_uid => {
+                if pos.done {
+                    return Ok(());
+                }
+                let progress: Progress = serde_json::from_str(&pos.state)
+                    .map_err(|e| LogError::Invalid(format!("stored log position of {key}: {e}")))?;
+                (pos.file_offset, progress)
+            }
+            _ => {
+                // A new run of this workflow: the file starts over (B15), and viewers still on the
+                // previous run's file are told it is gone.
+                if stored.is_some() || std::fs::metadata(&path).is_ok_and(|m| m.len() > 0) {
+                    self.hub.reset(&key);
+                }
+                (0, Progress::default())
+            }
+        };
+        let file = match LogFile::open(&path, keep) {
+            Ok(f) => f,
+            Err(e) if keep > 0 => {
+                tracing::warn!(error = %e, file = %key, "log file changed behind our back; starting it over");
+                self.hub.reset(&key);
+                keep = 0;
+                progress = Progress::default();
+                LogFile::open(&path, keep)?
+            }
+            Err(e) => return Err(e),
+        };
+        self.progress = progress;
+        self.log = Some(RunLog::new(file, self.hub.clone(), key.clone()));
+        self.hub.writer_active(&key);
+        self.persist(true).await?;
+
+        let result = self.follow_all().await;
+        if let Some(log) = self.log.as_mut() {
+            let _ = log.flush();
+        }
+        if result.is_ok() {
+            self.progress.done = true;
+            self.persist(true).await?;
+        }
+        self.hub.writer_done(&key);
+        result
+    }
+
+    async fn follow_all(&mut self) -> Result<(), LogError> {
+        self.masker = self.load_masker().await;
+        while self.progress.step < self.target.steps.len() {
+            let step = self.target.steps[self.progress.step].clone();
+            let source = loop {
+                match self.resolve(&step).await {
+                    Ok(Source::Wait) => tokio::time::sleep(self.settings.poll_interval).await,
+                    Ok(other) => break other,
+                    Err(e) => {
+                        tracing::debug!(error = %e, step = %step.name, "looking up the step's pod failed");
+                        tokio::time::sleep(self.settings.poll_interval).await;
+                    }
+                }
+            };
+            let mut finished = None;
+            let mut ran = false;
+            match source {
+                Source::NeverRan | Source::Wait => {}
+                Source::Pod { pod, containers, taskrun } => {
+                    while self.progress.container < containers.len() {
+                        let container = containers[self.progress.container].clone();
+                        match self.follow_container(&step, &pod, &container).await? {
+                            Ended::Terminated { finished: f } => {
+                                ran = true;
+                                finished = f.or(finished);
+                            }
+                            Ended::NeverStarted => {}
+                            Ended::Gone => {
+                                ran = true;
+                                if self.progress.container_lines == 0 {
+                                    let now = self.now_after_last();
+                                    self.write_start(&step, now);
+                                    let msg = format!(
+                                        "log unavailable: pod {pod} was deleted before its output could be read"
+                                    );
+                                    self.write_data(&step, msg.into_bytes(), now);
+                                }
+                                finished = self.taskrun_finish_time(&taskrun, &container).await.or(finished);
+                            }
+                        }
+                        self.progress.container += 1;
+                        self.progress.last_ts = None;
+                        self.progress.seen_at_ts = 0;
+                        self.progress.container_lines = 0;
+                        self.persist(true).await?;
+                    }
+                }
+            }
+            if ran || self.progress.started {
+                let end = self.clamp_forward(finished.unwrap_or_else(jiff::Timestamp::now));
+                self.write_start(&step, end);
+                self.push_line(LogLine::control(
+                    step.log_id,
+                    StepStatus::End,
+                    &step.name,
+                    step.kind,
+                    &step.command,
+                    end,
+                ));
+            }
+            self.progress.step += 1;
+            self.pending_start = None;
+            self.progress.started = false;
+            self.progress.container = 0;
+            self.progress.last_ts = None;
+            self.progress.seen_at_ts = 0;
+            self.progress.container_lines = 0;
+            self.flush()?;
+            self.persist(true).await?;
+        }
+        Ok(())
+    }
+
+    /// The run's secret values, retried until the Secret is read or known to be absent: streaming
+    /// without them could leak them.
+    async fn load_masker(&self) -> Masker {
+        let Some(name) = self.target.secret_name.clone() else { return Masker::none() };
+        let api: Api<Secret> = Api::namespaced(self.client.clone(), &self.target.namespace);
+        let mut delay = self.settings.poll_interval;
+        loop {
+            match api.get_opt(&name).await {
+                Ok(Some(secret)) => {
+                    let mut values: Vec<String> = Vec::new();
+                    for v in secret.data.unwrap_or_default().into_values() {
+                        values.push(String::from_utf8_lossy(&v.0).into_owned());
+                    }
+                    values.extend(secret.string_data.unwrap_or_default().into_values());
+                    return Masker::new(values);
+                }
+                Ok(None) => return Masker::none(),
+                Err(e) => {
+                    tracing::warn!(error = %e, secret = %name, "cannot read the run's secrets for masking; retrying");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(30));
+                }
+            }
+        }
+    }
+
+    async fn resolve(&self, step: &LoggedStep) -> Result<Source, kube::Error> {
+        let trs: Api<TaskRun> = Api::namespaced(self.client.clone(), &self.target.namespace);
+        let list = trs
+            .list(
+                &ListParams::default().labels(&format!("{LABEL_PIPELINE_RUN}={}", self.target.pipeline_run)),
+            )
+            .await?;
+        let per_step = list.items.iter().find(|tr| {
+            tr.metadata.labels.as_ref().and_then(|l| l.get(LABEL_PIPELINE_TASK)) == Some(&step.task)
+        });
+        let (taskrun, containers) = if let Some(tr) = per_step {
+            let status = tr.status.clone().unwrap_or_default();
+            let containers: Vec<String> = status
+                .steps
+                .iter()
+                .map(
+                    |s| if s.container.is_empty() { format!("step-{}", s.name) } else { s.container.clone() },
+                )
+                .collect();
+            if containers.is_empty() {
+                return Ok(if taskrun_done(tr) { Source::NeverRan } else { Source::Wait });
+            }
+            (tr.clone(), containers)
+        } else if let Some((tr, state)) = list.items.iter().find_map(|tr| {
+            let status = tr.status.as_ref()?;
+            status.steps.iter().find(|s| s.name == step.task).map(|s| (tr, s))
+        }) {
+            if state.termination_reason.as_deref() == Some("Skipped") {
+                return Ok(Source::NeverRan);
+            }
+            let container = if state.container.is_empty() {
+                format!("step-{}", step.task)
+            } else {
+                state.container.clone()
+            };
+            (tr.clone(), vec![container])
+        } else {
+            let prs: Api<PipelineRun> = Api::namespaced(self.client.clone(), &self.target.namespace);
+            return Ok(match prs.get_opt(&self.target.pipeline_run).await? {
+                None => Source::NeverRan,
+                Some(pr) => {
+                    let done = pr
+                        .status
+                        .as_ref()
+                        .and_then(|s| succeeded(&s.conditions))
+                        .is_some_and(|c| c.status != "Unknown");
+                    if done { Source::NeverRan } else { Source::Wait }
+                }
+            });
+        };
+        match taskrun.status.as_ref().and_then(|s| s.pod_name.clone()).filter(|p| !p.is_empty()) {
+            Some(pod) => Ok(Source::Pod { pod, containers, taskrun: Box::new(taskrun) }),
+            None if taskrun_done(&taskrun) => Ok(Source::NeverRan),
+            None => Ok(Source::Wait),
+        }
+    }
+
+    async fn taskrun_finish_time(&self, taskrun: &TaskRun, container: &str) -> Option<jiff::Timestamp> {
+        let trs: Api<TaskRun> = Api::namespaced(self.client.clone(), &self.target.namespace);
+        let name = taskrun.metadata.name.clone()?;
+        let fresh = trs.get_opt(&name).await.ok().flatten()?;
+        let status = fresh.status?;
+        status
+            .steps
+            .iter()
+            .find(|s| s.container == container)
+            .and_then(|s| s.terminated.as_ref())
+            .and_then(|t| t.finished_at.as_ref())
+            .map(|t| t.0)
+            .or(status.completion_time.map(|t| t.0))
+    }
+
+    /// Follow one container until it terminates (or its pod disappears).
+    async fn follow_container(
+        &mut self,
+        step: &LoggedStep,
+        pod_name: &str,
+        container: &str,
+    ) -> Result<Ended, LogError> {
+        let pods: Api<Pod> = Api::namespaced(self.client.clone(), &self.target.namespace);
+        // Wait for the container to start.
+        loop {
+            match pods.get_opt(pod_name).await {
+                Ok(None) => return Ok(Ended::Gone),
+                Ok(Some(pod)) => {
+                    let status = container_status(&pod, container);
+                    let state = status.and_then(|s| s.state.clone()).unwrap_or_default();
+                    if state.running.is_some() || state.terminated.is_some() {
+                        if !self.progress.started && self.pending_start.is_none() {
+                            self.pending_start = started_time(status);
+                        }
+                        break;
+                    }
+                    let phase = pod.status.as_ref().and_then(|s| s.phase.clone()).unwrap_or_default();
+                    if phase == "Succeeded" || phase == "Failed" || pod.metadata.deletion_timestamp.is_some()
+                    {
+                        return Ok(Ended::NeverStarted);
+                    }
+                }
+                Err(e) => tracing::debug!(error = %e, pod = pod_name, "reading the pod failed"),
+            }
+            tokio::time::sleep(self.settings.poll_interval).await;
+        }
+
+        let mut asm = LineAssembler::new(self.settings.max_line_bytes, self.masker.clone(), true);
+        let mut backoff = self.settings.poll_interval.min(Duration::from_millis(200));
+        loop {
+            let params = LogParams {
+                container: Some(container.to_owned()),
+                follow: true,
+                timestamps: true,
+                // The API server rounds sinceTime to seconds; floor it ourselves so rounding up
+                // never skips a line, and drop what we already have below.
+                since_time: self
+                    .progress
+                    .last_ts
+                    .and_then(|t| jiff::Timestamp::from_second(t.as_second()).ok()),
+                ..LogParams::default()
+            };
+            let mut skip_at_ts = self.progress.seen_at_ts;
+            let mut skipping = false;
+            let reader = match pods.log_stream(pod_name, &params).await {
+                Ok(r) => Some(r),
+                Err(e) if is_not_found(&e) => return Ok(Ended::Gone),
+                Err(e) => {
+                    tracing::debug!(error = %e, pod = pod_name, container, "opening the log stream failed");
+                    None
+                }
+            };
+            if let Some(reader) = reader {
+                let mut reader = std::pin::pin!(reader);
+                let mut buf = vec![0u8; 64 * 1024];
+                loop {
+                    match tokio::time::timeout(self.settings.idle_timeout, reader.read(&mut buf)).await {
+                        Ok(Ok(0)) => break,
+                        Ok(Ok(n)) => {
+                            backoff = self.settings.poll_interval.min(Duration::from_millis(200));
+                            let mut segments = Vec::new();
+                            asm.push(&buf[..n], &mut |s| segments.push(s));
+                            for seg in segments {
+                                self.take_segment(step, seg, &mut skipping, &mut skip_at_ts);
+                            }
+                            self.flush()?;
+                            self.persist(false).await?;
+                        }
+                        Ok(Err(e)) => {
+                            tracing::debug!(error = %e, pod = pod_name, container, "log stream broke");
+                            break;
+                        }
+                        Err(_) => {
+                            tracing::debug!(pod = pod_name, container, "log stream idle; reconnecting");
+                            break;
+                        }
+                    }
+                }
+            }
+            // The stream ended: finished, dropped, or idle. Ask the pod which.
+            match pods.get_opt(pod_name).await {
+                Ok(None) => {
+                    self.end_partial(step, &mut asm, &mut skipping, &mut skip_at_ts);
+                    self.flush()?;
+                    return Ok(Ended::Gone);
+                }
+                Ok(Some(pod)) => {
+                    let status = container_status(&pod, container);
+                    let state = status.and_then(|s| s.state.clone()).unwrap_or_default();
+                    if let Some(t) = state.terminated {
+                        if !self.progress.started {
+                            self.pending_start = started_time(status).or(self.pending_start);
+                        }
+                        // Terminated: what we read is complete unless the stream broke, so read
+                        // once more from the last position to be sure, then stop.
+                        if self.drain_terminated(step, &pods, pod_name, container, &mut asm).await? {
+                            let finished = t.finished_at.map(|f| f.0);
+                            self.flush()?;
+                            return Ok(Ended::Terminated { finished });
+                        }
+                        continue;
+                    }
+                    // Still running: drop a partial line (it will be sent again) unless pieces of
+                    // it were already written, in which case count it as written.
+                    self.end_partial(step, &mut asm, &mut skipping, &mut skip_at_ts);
+                    self.flush()?;
+                }
+                Err(e) => tracing::debug!(error = %e, pod = pod_name, "reading the pod failed"),
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_secs(5));
+        }
+    }
+
+    /// After the container terminated: read the log (not following) from the last position to
+    /// EOF and write what is new. Returns false when that read failed and must be retried.
+    async fn drain_terminated(
+        &mut self,
+        step: &LoggedStep,
+        pods: &Api<Pod>,
+        pod_name: &str,
+        container: &str,
+        asm: &mut LineAssembler,
+    ) -> Result<bool, LogError> {
+        if asm.mid_line() {
+            let (mut skipping, mut skip) = (false, 0);
+            self.end_partial(step, asm, &mut skipping, &mut skip);
+        } else {
+            asm.reset();
+        }
+        let params = LogParams {
+            container: Some(container.to_owned()),
+            follow: false,
+            timestamps: true,
+            since_time: self.progress.last_ts.and_then(|t| jiff::Timestamp::from_second(t.as_second()).ok()),
+            ..LogParams::default()
+        };
+        let mut reader = match pods.log_stream(pod_name, &params).await {
+            Ok(r) => std::pin::pin!(r),
+            Err(e) if is_not_found(&e) => return Ok(true),
+            Err(e) => {
+                tracing::debug!(error = %e, pod = pod_name, container, "reading the final log failed");
+                return Ok(false);
+            }
+        };
+        let mut skip_at_ts = self.progress.seen_at_ts;
+        let mut skipping = false;
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            match tokio::time::timeout(self.settings.idle_timeout, reader.read(&mut buf)).await {
+                Ok(Ok(0)) => break,
+                Ok(Ok(n)) => {
+                    let mut segments = Vec::new();
+                    asm.push(&buf[..n], &mut |s| segments.push(s));
+                    for seg in segments {
+                        self.take_segment(step, seg, &mut skipping, &mut skip_at_ts);
+                    }
+                    self.flush()?;
+                }
+                Ok(Err(_)) | Err(_) => {
+                    asm.reset();
+                    return Ok(false);
+                }
+            }
+        }
+        let mut segments = Vec::new();
+        asm.finish(&mut |s| segments.push(s));
+        for seg in segments {
+            self.take_segment(step, seg, &mut skipping, &mut skip_at_ts);
+        }
+        Ok(true)
+    }
+
+    /// A connection ended with a partial line buffered.
+    fn end_partial(
+        &mut self,
+        step: &LoggedStep,
+        asm: &mut LineAssembler,
+        skipping: &mut bool,
+        skip_at_ts: &mut u64,
+    ) {
+        if asm.mid_line() {
+            // Pieces of an over-long line are out: finish it so it counts as written; the
+            // kubelet's resend of the whole line is then skipped instead of duplicated.
+            let mut segments = Vec::new();
+            asm.finish(&mut |s| segments.push(s));
+            for seg in segments {
+                self.take_segment(step, seg, skipping, skip_at_ts);
+            }
+        } else {
+            asm.reset();
+        }
+    }
+
+    /// Dedupe, then write one segment.
+    fn take_segment(&mut self, step: &LoggedStep, seg: Segment, skipping: &mut bool, skip_at_ts: &mut u64) {
+        if seg.first {
+            *skipping = match (seg.ts, self.progress.last_ts) {
+                (Some(ts), Some(last)) if ts < last => true,
+                (Some(ts), Some(last)) if ts == last && *skip_at_ts > 0 => {
+                    *skip_at_ts -= 1;
+                    true
+                }
+                _ => false,
+            };
+        }
+        if *skipping {
+            return;
+        }
+        let time = seg.ts.or(self.progress.last_time).unwrap_or_else(jiff::Timestamp::now);
+        self.write_start(step, time);
+        self.write_data(step, seg.content, time);
+        if seg.last {
+            if let Some(ts) = seg.ts {
+                if Some(ts) == self.progress.last_ts {
+                    self.progress.seen_at_ts += 1;
+                } else {
+                    self.progress.last_ts = Some(ts);
+                    self.progress.seen_at_ts = 1;
+                }
+            }
+            self.progress.container_lines += 1;
+        }
+    }
+
+    /// Write the step's `start` line once. Its time is the container's start, but never after the
+    /// first output and never before the previous line.
+    fn write_start(&mut self, step: &LoggedStep, first_output: jiff::Timestamp) {
+        if self.progress.started {
+            return;
+        }
+        let started = self.pending_start.take();
+        let time = self.clamp_forward(started.map_or(first_output, |s| s.min(first_output)));
+        self.push_line(LogLine::control(
+            step.log_id,
+            StepStatus::Start,
+            &step.name,
+            step.kind,
+            &step.command,
+            time,
+        ));
+        self.progress.started = true;
+    }
+
+    fn write_data(&mut self, step: &LoggedStep, content: Vec<u8>, time: jiff::Timestamp) {
+        let content = match String::from_utf8(content) {
+            Ok(s) => s,
+            Err(e) => String::from_utf8_lossy(e.as_bytes()).into_owned(),
+        };
+        self.push_line(LogLine::data(step.log_id, content, time));
+    }
+
+    fn push_line(&mut self, line: LogLine) {
+        if let Ok(t) = line.time.parse::<jiff::Timestamp>() {
+            self.progress.last_time = Some(self.progress.last_time.map_or(t, |l| l.max(t)));
+        }
+        if let Some(log) = self.log.as_mut() {
+            log.push(&line);
+        }
+    }
+
+    fn clamp_forward(&self, t: jiff::Timestamp) -> jiff::Timestamp {
+        self.progress.last_time.map_or(t, |l| l.max(t))
+    }
+
+    fn now_after_last(&self) -> jiff::Timestamp {
+        self.clamp_forward(jiff::Timestamp::now())
+    }
+
+    fn flush(&mut self) -> Result<(), LogError> {
+        match self.log.as_mut() {
+            Some(log) => log.flush(),
+            None => Ok(()),
+        }
+    }
+
+    /// Record the position (throttled unless `now`).
+    async fn persist(&mut self, now: bool) -> Result<(), LogError> {
+        if !now && self.last_persist.elapsed() < self.settings.persist_interval {
+            return Ok(());
+        }
+        let Some(log) = self.log.as_ref() else { return Ok(()) };
+        let state = serde_json::to_string(&self.progress)
+            .map_err(|e| LogError::Invalid(format!("encoding the log position: {e}")))?;
+        self.store
+            .save_log_position(LogPosition {
+                log_file: self.target.log_file(),
+                run_uid: self.target.run_uid.clone(),
+                file_offset: log.offset(),
+                state,
+                done: self.progress.done,
+            })
+            .await?;
+        self.last_persist = std::time::Instant::now();
+        Ok(())
+    }
+}
+
+fn taskrun_done(tr: &TaskRun) -> bool {
+    tr.status.as_ref().and_then(|s| succeeded(&s.conditions)).is_some_and(|c| c.status != "Unknown")
+}
+
+fn container_status<'a>(pod: &'a Pod, container: &str) -> Option<&'a ContainerStatus> {
+    pod.status.as_ref()?.container_statuses.as_ref()?.iter().find(|c| c.name == container)
+}
+
+/// When the container started: Tekton's entrypoint records the real step start in the
+/// termination message (milliseconds); otherwise the kubelet's (seconds).
+fn started_time(status: Option<&ContainerStatus>) -> Option<jiff::Timestamp> {
+    let state = status?.state.as_ref()?;
+    if let Some(t) = &state.terminated {
+        if let Some(msg) = &t.message
+            && let Ok(entries) = serde_json::from_str::<Vec<BTreeMap<String, serde_json::Value>>>(msg)
+        {
+            for e in entries {
+                if e.get("key").and_then(|k| k.as_str()) == Some("StartedAt")
+                    && let Some(v) = e.get("value").and_then(|v| v.as_str())
+                    && let Ok(ts) = v.parse()
+                {
+                    return Some(ts);
+                }
+            }
+        }
+        return t.started_at.as_ref().map(|t| t.0);
+    }
+    state.running.as_ref()?.started_at.as_ref().map(|t| t.0)
+}
