@@ -341,9 +341,15 @@ enum Source {
 
 /// How a container's log ended.
 enum Ended {
-    Terminated { finished: Option<jiff::Timestamp> },
+    Terminated {
+        finished: Option<jiff::Timestamp>,
+    },
     NeverStarted,
-    Gone,
+    /// The pod disappeared; `streamed` says whether we had its log open before (then everything
+    /// it printed was read) or never got to read anything.
+    Gone {
+        streamed: bool,
+    },
 }
 
 fn is_not_found(e: &kube::Error) -> bool {
@@ -451,17 +457,22 @@ impl Follower {
                                 finished = f.or(finished);
                             }
                             Ended::NeverStarted => {}
-                            Ended::Gone => {
+                            Ended::Gone { streamed } => {
                                 ran = true;
-                                if self.progress.container_lines == 0 {
-                                    let now = self.now_after_last();
-                                    self.write_start(&step, now);
+                                let (start, finish) = self.taskrun_step_times(&taskrun, &container).await;
+                                if !self.progress.started && self.pending_start.is_none() {
+                                    self.pending_start = start;
+                                }
+                                if !streamed && self.progress.container_lines == 0 {
+                                    let at = self
+                                        .clamp_forward(start.or(finish).unwrap_or_else(jiff::Timestamp::now));
+                                    self.write_start(&step, at);
                                     let msg = format!(
                                         "log unavailable: pod {pod} was deleted before its output could be read"
                                     );
-                                    self.write_data(&step, msg.into_bytes(), now);
+                                    self.write_data(&step, msg.into_bytes(), at);
                                 }
-                                finished = self.taskrun_finish_time(&taskrun, &container).await.or(finished);
+                                finished = finish.or(finished);
                             }
                         }
                         self.progress.container += 1;
@@ -580,19 +591,31 @@ impl Follower {
         }
     }
 
-    async fn taskrun_finish_time(&self, taskrun: &TaskRun, container: &str) -> Option<jiff::Timestamp> {
+    /// The step's start and finish as Tekton recorded them (fresh TaskRun), for a pod that is gone.
+    async fn taskrun_step_times(
+        &self,
+        taskrun: &TaskRun,
+        container: &str,
+    ) -> (Option<jiff::Timestamp>, Option<jiff::Timestamp>) {
         let trs: Api<TaskRun> = Api::namespaced(self.client.clone(), &self.target.namespace);
-        let name = taskrun.metadata.name.clone()?;
-        let fresh = trs.get_opt(&name).await.ok().flatten()?;
-        let status = fresh.status?;
-        status
-            .steps
-            .iter()
-            .find(|s| s.container == container)
-            .and_then(|s| s.terminated.as_ref())
+        let fresh = match taskrun.metadata.name.as_deref() {
+            Some(name) => trs.get_opt(name).await.ok().flatten(),
+            None => None,
+        };
+        let Some(status) = fresh.and_then(|t| t.status).or_else(|| taskrun.status.clone()) else {
+            return (None, None);
+        };
+        let step = status.steps.iter().find(|s| s.container == container);
+        let terminated = step.and_then(|s| s.terminated.as_ref());
+        let start = terminated
+            .and_then(|t| t.started_at.as_ref())
+            .or_else(|| step.and_then(|s| s.running.as_ref()).and_then(|r| r.started_at.as_ref()))
+            .map(|t| t.0);
+        let finish = terminated
             .and_then(|t| t.finished_at.as_ref())
             .map(|t| t.0)
-            .or(status.completion_time.map(|t| t.0))
+            .or(status.completion_time.map(|t| t.0));
+        (start, finish)
     }
 
     /// Follow one container until it terminates (or its pod disappears).
@@ -606,7 +629,7 @@ impl Follower {
         // Wait for the container to start.
         loop {
             match pods.get_opt(pod_name).await {
-                Ok(None) => return Ok(Ended::Gone),
+                Ok(None) => return Ok(Ended::Gone { streamed: false }),
                 Ok(Some(pod)) => {
                     let status = container_status(&pod, container);
                     let state = status.and_then(|s| s.state.clone()).unwrap_or_default();
@@ -629,6 +652,7 @@ impl Follower {
 
         let mut asm = LineAssembler::new(self.settings.max_line_bytes, self.masker.clone(), true);
         let mut backoff = self.settings.poll_interval.min(Duration::from_millis(200));
+        let mut streamed = false;
         loop {
             let params = LogParams {
                 container: Some(container.to_owned()),
@@ -645,8 +669,11 @@ impl Follower {
             let mut skip_at_ts = self.progress.seen_at_ts;
             let mut skipping = false;
             let reader = match pods.log_stream(pod_name, &params).await {
-                Ok(r) => Some(r),
-                Err(e) if is_not_found(&e) => return Ok(Ended::Gone),
+                Ok(r) => {
+                    streamed = true;
+                    Some(r)
+                }
+                Err(e) if is_not_found(&e) => return Ok(Ended::Gone { streamed }),
                 Err(e) => {
                     tracing::debug!(error = %e, pod = pod_name, container, "opening the log stream failed");
                     None
@@ -684,7 +711,7 @@ impl Follower {
                 Ok(None) => {
                     self.end_partial(step, &mut asm, &mut skipping, &mut skip_at_ts);
                     self.flush()?;
-                    return Ok(Ended::Gone);
+                    return Ok(Ended::Gone { streamed });
                 }
                 Ok(Some(pod)) => {
                     let status = container_status(&pod, container);
@@ -865,10 +892,6 @@ impl Follower {
         self.progress.last_time.map_or(t, |l| l.max(t))
     }
 
-    fn now_after_last(&self) -> jiff::Timestamp {
-        self.clamp_forward(jiff::Timestamp::now())
-    }
-
     fn flush(&mut self) -> Result<(), LogError> {
         match self.log.as_mut() {
             Some(log) => log.flush(),
@@ -926,4 +949,364 @@ fn started_time(status: Option<&ContainerStatus>) -> Option<jiff::Timestamp> {
         return t.started_at.as_ref().map(|t| t.0);
     }
     state.running.as_ref()?.started_at.as_ref().map(|t| t.0)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::{Path, PathBuf};
+
+    use super::*;
+    use crate::logs::fake::{FakeCluster, LogMode, plan_settings, workflow_run};
+
+    const BUILD: (&str, &str) = ("Build", "echo building; cat README; ls");
+    const TEST: (&str, &str) = ("Test", "for i in 1 2 3; do echo test $i; sleep 0.3; done");
+
+    struct Harness {
+        _tmp: tempfile::TempDir,
+        store: Store,
+        hub: LogHub,
+        settings: LogSettings,
+        dir: PathBuf,
+    }
+
+    fn harness() -> Harness {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let dir = tmp.path().join("logs");
+        std::fs::create_dir_all(&dir).expect("mkdir");
+        let store = Store::open(tmp.path().join("spindle.db")).expect("store");
+        let settings = LogSettings {
+            poll_interval: Duration::from_millis(20),
+            idle_timeout: Duration::from_millis(300),
+            persist_interval: Duration::ZERO,
+            max_line_bytes: 1024,
+            ..LogSettings::new(&dir)
+        };
+        Harness { _tmp: tmp, store, hub: LogHub::new(64), settings, dir }
+    }
+
+    fn target(fake: &FakeCluster, uid: &str, steps: &[(&str, &str)]) -> RunTarget {
+        let run = workflow_run(&fake.namespace(), uid, steps);
+        let plan = crate::plan::plan(&run.spec, &plan_settings()).expect("plan");
+        RunTarget::new(&run, &plan, &fake.pipeline_run, "default").expect("target")
+    }
+
+    fn add_secret(fake: &FakeCluster, value: &str) {
+        use base64::Engine as _;
+        let ns = fake.namespace();
+        let secret = serde_json::json!({
+            "apiVersion": "v1", "kind": "Secret",
+            "metadata": {"name": "run-secrets", "namespace": ns},
+            "data": {"TOKEN": base64::engine::general_purpose::STANDARD.encode(value)}
+        });
+        fake.lock().objects.insert(("Secret".into(), "run-secrets".into()), secret);
+    }
+
+    async fn follow(h: &Harness, fake: &FakeCluster, target: &RunTarget) -> String {
+        let f =
+            Follower::new(fake.client(), h.store.clone(), h.hub.clone(), h.settings.clone(), target.clone());
+        tokio::time::timeout(Duration::from_secs(20), f.run()).await.expect("follower finishes").expect("ok");
+        read(&h.dir, target)
+    }
+
+    fn read(dir: &Path, target: &RunTarget) -> String {
+        std::fs::read_to_string(dir.join(target.log_file())).expect("log file")
+    }
+
+    fn ts(s: &str) -> jiff::Timestamp {
+        s.parse().expect("timestamp")
+    }
+
+    fn ctl(step: &LoggedStep, status: StepStatus, time: &str) -> String {
+        LogLine::control(step.log_id, status, &step.name, step.kind, &step.command, ts(time)).to_json() + "\n"
+    }
+
+    fn data(step: &LoggedStep, content: &str, time: &str) -> String {
+        LogLine::data(step.log_id, content, ts(time)).to_json() + "\n"
+    }
+
+    /// What following the recorded per-step-success run must write, with "the repo" as a secret.
+    fn expected_success(t: &RunTarget) -> String {
+        expected_success_with(t, "2026-11-21T12:02:43.264Z")
+    }
+
+    /// The same, for when step 2 was followed live: its start line was written while the
+    /// container ran, when only the kubelet's whole-second start time was known (12:02:43),
+    /// which is then kept after the previous step's end.
+    fn expected_live_success(t: &RunTarget) -> String {
+        expected_success_with(t, "2026-11-21T12:02:43.031070242Z")
+    }
+
+    fn expected_success_with(t: &RunTarget, test_start: &str) -> String {
+        let (clone, build, test) = (&t.steps[0], &t.steps[1], &t.steps[2]);
+        [
+            ctl(clone, StepStatus::Start, "2026-11-21T12:02:42.724Z"),
+            data(clone, "cloning", "2026-11-21T12:02:42.768224119Z"),
+            ctl(clone, StepStatus::End, "2026-11-21T12:02:42.768224119Z"),
+            ctl(build, StepStatus::Start, "2026-11-21T12:02:42.994Z"),
+            data(build, "building", "2026-11-21T12:02:43.029070389Z"),
+            data(build, "hello from ***", "2026-11-21T12:02:43.029926321Z"),
+            data(build, "README", "2026-11-21T12:02:43.031070242Z"),
+            ctl(build, StepStatus::End, "2026-11-21T12:02:43.031070242Z"),
+            ctl(test, StepStatus::Start, test_start),
+            data(test, "test 1", "2026-11-21T12:02:43.298265327Z"),
+            data(test, "test 2", "2026-11-21T12:02:43.599701353Z"),
+            data(test, "test 3", "2026-11-21T12:02:43.90089915Z"),
+            ctl(test, StepStatus::End, "2026-11-21T12:02:44Z"),
+        ]
+        .concat()
+    }
+
+    #[test]
+    fn expected_lines_look_like_the_go_fixture() {
+        let fake = FakeCluster::scenario("per-step-success");
+        let t = target(&fake, "uid-1", &[BUILD, TEST]);
+        let text = expected_success(&t);
+        let first = text.lines().next().expect("line");
+        assert!(first.starts_with(r#"{"kind":"control","content":"Clone repository into workspace","time":"2026-11-21T12:02:42.724Z","step_id":0,"step_status":"start","step_command":"git init\ngit remote add origin https://knot1.tangled.sh/"#), "{first}");
+    }
+
+    #[tokio::test]
+    async fn follows_a_per_step_run_with_chunked_bodies_and_masks_secrets() {
+        let h = harness();
+        let fake = FakeCluster::scenario("per-step-success");
+        add_secret(&fake, "the repo");
+        let t = target(&fake, "uid-1", &[BUILD, TEST]);
+        let text = follow(&h, &fake, &t).await;
+        assert_eq!(text, expected_success(&t));
+        // The image engines' setup step is not logged, so its container is never read.
+        assert!(fake.log_requests("wf-8mxlg-setup-pod", "step-setup").is_empty());
+        let reqs = fake.log_requests("wf-8mxlg-step-1-build-pod", "step-run");
+        assert!(!reqs.is_empty(), "{:#?}", fake.lock().requests);
+        assert!(reqs[0].contains("follow=true") && reqs[0].contains("timestamps=true"), "{reqs:?}");
+        let pos = h.store.log_position(&t.log_file()).await.expect("pos").expect("some");
+        assert!(pos.done);
+        assert_eq!(pos.file_offset, text.len() as u64);
+        // Following the same finished run again writes nothing new.
+        let again = follow(&h, &fake, &t).await;
+        assert_eq!(again, text);
+    }
+
+    #[tokio::test]
+    async fn reconnects_after_a_drop_and_an_idle_stream_without_duplicates() {
+        let h = harness();
+        let fake = FakeCluster::scenario("per-step-success");
+        add_secret(&fake, "the repo");
+        let pod = "wf-8mxlg-step-2-test-pod";
+        let key = (pod.to_owned(), "step-run".to_owned());
+        {
+            let mut st = fake.lock();
+            let done = st.objects[&("Pod".to_owned(), pod.to_owned())].clone();
+            let mut running = done.clone();
+            running["status"]["phase"] = "Running".into();
+            running["status"]["containerStatuses"][0]["state"] =
+                serde_json::json!({"running": {"startedAt": "2026-11-21T12:02:43Z"}});
+            st.objects.insert(("Pod".to_owned(), pod.to_owned()), running);
+            // The container finishes while the second connection is open.
+            st.pod_after.insert(key.clone(), (2, done));
+            let l1 = "2026-11-21T12:02:43.298265327Z test 1\n".len();
+            let l2 = "2026-11-21T12:02:43.599701353Z test 2\n".len();
+            st.modes.insert(key.clone(), [LogMode::BreakAfter(l1 + 10), LogMode::StallAfter(l1 + l2)].into());
+        }
+        let t = target(&fake, "uid-1", &[BUILD, TEST]);
+        let text = follow(&h, &fake, &t).await;
+        assert_eq!(text, expected_live_success(&t));
+        let reqs = fake.log_requests(pod, "step-run");
+        assert_eq!(reqs.len(), 3, "{reqs:#?}");
+        assert!(!reqs[0].contains("sinceTime"), "{}", reqs[0]);
+        // The API server takes whole seconds; we floor to the last line's second and skip
+        // what we already have.
+        assert!(reqs[1].contains("sinceTime=2026-11-21T12%3A02%3A43Z") && reqs[1].contains("follow=true"));
+        assert!(reqs[2].contains("sinceTime=2026-11-21T12%3A02%3A43Z") && !reqs[2].contains("follow=true"));
+    }
+
+    #[tokio::test]
+    async fn a_restart_resumes_from_the_persisted_position() {
+        let h = harness();
+        let pod = "wf-8mxlg-step-2-test-pod";
+        let t;
+        {
+            // First life: step 2 is running and has printed one line.
+            let fake = FakeCluster::scenario("per-step-success");
+            add_secret(&fake, "the repo");
+            {
+                let mut st = fake.lock();
+                let p = st.objects.get_mut(&("Pod".to_owned(), pod.to_owned())).expect("pod");
+                p["status"]["containerStatuses"][0]["state"] =
+                    serde_json::json!({"running": {"startedAt": "2026-11-21T12:02:43Z"}});
+                st.logs.insert(
+                    (pod.to_owned(), "step-run".to_owned()),
+                    "2026-11-21T12:02:43.298265327Z test 1\n".into(),
+                );
+            }
+            t = target(&fake, "uid-1", &[BUILD, TEST]);
+            let f =
+                Follower::new(fake.client(), h.store.clone(), h.hub.clone(), h.settings.clone(), t.clone());
+            let task = tokio::spawn(f.run());
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+            loop {
+                let pos = h.store.log_position(&t.log_file()).await.expect("pos");
+                if let Some(pos) = pos {
+                    let p: Progress = serde_json::from_str(&pos.state).expect("state");
+                    if p.step == 2 && p.container_lines == 1 {
+                        break;
+                    }
+                }
+                assert!(tokio::time::Instant::now() < deadline, "first life never got to test 1");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            task.abort();
+            let _ = task.await;
+        }
+        // A line written after the last saved position (the process died before saving) must
+        // not survive into the resumed log.
+        let path = h.dir.join(t.log_file());
+        let mut partial = read(&h.dir, &t);
+        partial.push_str("{\"kind\":\"data\",\"content\":\"test 2\"");
+        std::fs::write(&path, &partial).expect("write");
+
+        // Second life: the run finished meanwhile.
+        let fake = FakeCluster::scenario("per-step-success");
+        add_secret(&fake, "the repo");
+        let text = follow(&h, &fake, &t).await;
+        assert_eq!(text, expected_live_success(&t));
+        // Only the unfinished container was read again, from its last second.
+        assert!(fake.log_requests("wf-8mxlg-clone-pod", "step-clone").is_empty());
+        assert!(fake.log_requests("wf-8mxlg-step-1-build-pod", "step-run").is_empty());
+        let reqs = fake.log_requests(pod, "step-run");
+        assert!(reqs.iter().all(|r| r.contains("sinceTime=2026-11-21T12%3A02%3A43Z")), "{reqs:#?}");
+    }
+
+    #[tokio::test]
+    async fn a_pod_deleted_before_it_was_read_says_so() {
+        let h = harness();
+        let fake = FakeCluster::scenario("per-step-timeout");
+        let t = target(&fake, "uid-1", &[("Slow", "sleep 60")]);
+        let text = follow(&h, &fake, &t).await;
+        let (clone, slow) = (&t.steps[0], &t.steps[1]);
+        let expected = [
+            ctl(clone, StepStatus::Start, "2026-11-21T12:20:03.066Z"),
+            data(clone, "cloning", "2026-11-21T12:20:03.103502724Z"),
+            ctl(clone, StepStatus::End, "2026-11-21T12:20:03.103502724Z"),
+            ctl(slow, StepStatus::Start, "2026-11-21T12:20:03.103502724Z"),
+            data(
+                slow,
+                "log unavailable: pod wf-kkj2v-step-1-slow-pod was deleted before its output could be read",
+                "2026-11-21T12:20:03.103502724Z",
+            ),
+            ctl(slow, StepStatus::End, "2026-11-21T12:20:16Z"),
+        ]
+        .concat();
+        assert_eq!(text, expected);
+    }
+
+    #[tokio::test]
+    async fn follows_the_packed_layout_and_skips_skipped_steps() {
+        let h = harness();
+        let fake = FakeCluster::scenario("packed-fail");
+        let t =
+            target(&fake, "uid-1", &[("Build", "echo build"), ("Boom", "exit 4"), ("Never", "echo never")]);
+        let text = follow(&h, &fake, &t).await;
+        let (clone, build, boom) = (&t.steps[0], &t.steps[1], &t.steps[2]);
+        let expected = [
+            ctl(clone, StepStatus::Start, "2026-11-21T12:19:55.181Z"),
+            data(clone, "cloning", "2026-11-21T12:19:55.236725853Z"),
+            ctl(clone, StepStatus::End, "2026-11-21T12:19:55.236725853Z"),
+            ctl(build, StepStatus::Start, "2026-11-21T12:19:55.281Z"),
+            data(build, "build", "2026-11-21T12:19:55.333113257Z"),
+            data(build, "repo", "2026-11-21T12:19:55.333693119Z"),
+            ctl(build, StepStatus::End, "2026-11-21T12:19:55.333693119Z"),
+            ctl(boom, StepStatus::Start, "2026-11-21T12:19:55.372Z"),
+            data(boom, "about-to-fail", "2026-11-21T12:19:55.42502103Z"),
+            ctl(boom, StepStatus::End, "2026-11-21T12:19:55.42502103Z"),
+        ]
+        .concat();
+        assert_eq!(text, expected);
+    }
+
+    #[tokio::test]
+    async fn a_new_run_of_the_same_workflow_truncates_the_file() {
+        let h = harness();
+        let fake = FakeCluster::scenario("per-step-success");
+        add_secret(&fake, "the repo");
+        let t = target(&fake, "uid-2", &[BUILD, TEST]);
+        std::fs::write(h.dir.join(t.log_file()), "{\"old\":\"run\"}\n").expect("old log");
+        h.store
+            .save_log_position(LogPosition {
+                log_file: t.log_file(),
+                run_uid: "uid-1".into(),
+                file_offset: 14,
+                state: serde_json::to_string(&Progress { done: true, ..Progress::default() }).expect("json"),
+                done: true,
+            })
+            .await
+            .expect("save");
+        let text = follow(&h, &fake, &t).await;
+        assert_eq!(text, expected_success(&t));
+    }
+
+    #[tokio::test]
+    async fn over_long_lines_are_split_and_bad_utf8_is_replaced() {
+        let h = harness();
+        let fake = FakeCluster::scenario("per-step-success");
+        let pod = "wf-8mxlg-step-1-build-pod";
+        let long = "x".repeat(2500);
+        {
+            let mut st = fake.lock();
+            let mut log = format!("2026-11-21T12:02:43.029070389Z {long}\n").into_bytes();
+            log.extend_from_slice(b"2026-11-21T12:02:43.03Z bad \xff byte\n");
+            st.logs
+                .insert((pod.to_owned(), "step-run".to_owned()), String::from_utf8_lossy(&log).into_owned());
+        }
+        let t = target(&fake, "uid-1", &[BUILD, TEST]);
+        let text = follow(&h, &fake, &t).await;
+        let build: Vec<LogLine> = text
+            .lines()
+            .map(|l| serde_json::from_str::<LogLine>(l).expect("line"))
+            .filter(|l| l.step_id == 1 && l.step_status.is_none())
+            .collect();
+        let contents: Vec<&str> = build.iter().map(|l| l.content.as_str()).collect();
+        assert_eq!(contents.len(), 4, "{contents:?}");
+        assert_eq!(contents[..3].concat(), long);
+        assert!(contents[..3].iter().all(|c| c.len() <= 1024));
+        assert_eq!(contents[3], "bad \u{fffd} byte");
+    }
+
+    #[tokio::test]
+    async fn log_service_follows_once_and_resumes_runs_after_a_restart() {
+        let h = harness();
+        let fake = FakeCluster::scenario("per-step-success");
+        add_secret(&fake, "the repo");
+        let run = workflow_run(&fake.namespace(), "uid-1", &[BUILD, TEST]);
+        let plan = crate::plan::plan(&run.spec, &plan_settings()).expect("plan");
+        let service = super::super::LogService::new(fake.client(), h.store.clone(), h.settings.clone());
+        let t = target(&fake, "uid-1", &[BUILD, TEST]);
+        assert!(service.ensure_following(&run, &plan, &fake.pipeline_run).expect("start"));
+        assert!(!service.ensure_following(&run, &plan, &fake.pipeline_run).expect("idempotent"));
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        while service.is_following(&t.log_file()) {
+            assert!(tokio::time::Instant::now() < deadline, "follower never finished");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(read(&h.dir, &t), expected_success(&t));
+
+        // After a restart, a running WorkflowRun in the cluster is picked up again.
+        let other = harness();
+        let mut run = run.clone();
+        let status = run.status.get_or_insert_with(Default::default);
+        status.pipeline_run_name = Some(fake.pipeline_run.clone());
+        status.phase = Some(crate::model::StatusKind::Running);
+        fake.lock()
+            .objects
+            .insert(("WorkflowRun".into(), "knot1-run".into()), serde_json::to_value(&run).expect("json"));
+        let service =
+            super::super::LogService::new(fake.client(), other.store.clone(), other.settings.clone());
+        let started = service.resume_all(&fake.namespace(), &plan_settings()).await.expect("resume");
+        assert_eq!(started, 1);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        while service.is_following(&t.log_file()) {
+            assert!(tokio::time::Instant::now() < deadline, "follower never finished");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(read(&other.dir, &t), expected_success(&t));
+    }
 }

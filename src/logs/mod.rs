@@ -9,6 +9,8 @@
 //!
 //! [`LogService`] is what the controller and `serve` hold.
 
+#[cfg(test)]
+pub(crate) mod fake;
 pub mod file;
 pub mod follower;
 pub mod hub;
