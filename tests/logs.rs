@@ -160,8 +160,7 @@ async fn live_viewer_waits_for_the_file_and_gets_pinged() {
     s.hub.writer_active(&key);
     let mut writer =
         RunLog::new(LogFile::open(&s.dir.join(&key), 0).expect("open"), s.hub.clone(), key.clone());
-    let line: LogLine =
-        serde_json::from_str(&fixture_log().lines().next().expect("line").to_owned()).expect("parse");
+    let line: LogLine = serde_json::from_str(fixture_log().lines().next().expect("line")).expect("parse");
     writer.push(&line);
     writer.flush().expect("flush");
     assert_eq!(next_text(&mut ws).await, line.to_json());
