@@ -458,12 +458,16 @@ impl Follower {
                             }
                             Ended::NeverStarted => {}
                             Ended::Gone { streamed } => {
-                                ran = true;
                                 let (start, finish) = self.taskrun_step_times(&taskrun, &container).await;
+                                // Tekton saw it start, or we read from it: it ran. Otherwise it
+                                // never started (e.g. its image never pulled) and has no log.
+                                let started =
+                                    start.is_some() || streamed || self.progress.container_lines > 0;
+                                ran |= started;
                                 if !self.progress.started && self.pending_start.is_none() {
                                     self.pending_start = start;
                                 }
-                                if !streamed && self.progress.container_lines == 0 {
+                                if started && !streamed && self.progress.container_lines == 0 {
                                     let at = self
                                         .clamp_forward(start.or(finish).unwrap_or_else(jiff::Timestamp::now));
                                     self.write_start(&step, at);
@@ -1194,6 +1198,32 @@ mod tests {
                 "2026-11-21T12:20:03.103502724Z",
             ),
             ctl(slow, StepStatus::End, "2026-11-21T12:20:16Z"),
+        ]
+        .concat();
+        assert_eq!(text, expected);
+    }
+
+    #[tokio::test]
+    async fn a_deleted_pod_whose_step_never_started_has_no_log() {
+        let h = harness();
+        let fake = FakeCluster::scenario("per-step-timeout");
+        {
+            // As if the step's image never pulled: Tekton never saw the container start.
+            let mut st = fake.lock();
+            let tr =
+                st.objects.get_mut(&("TaskRun".to_owned(), "wf-kkj2v-step-1-slow".to_owned())).expect("tr");
+            tr["status"]["steps"][0] = serde_json::json!({
+                "name": "run", "container": "step-run",
+                "waiting": {"reason": "ImagePullBackOff"}
+            });
+        }
+        let t = target(&fake, "uid-1", &[("Slow", "sleep 60")]);
+        let text = follow(&h, &fake, &t).await;
+        let clone = &t.steps[0];
+        let expected = [
+            ctl(clone, StepStatus::Start, "2026-11-21T12:20:03.066Z"),
+            data(clone, "cloning", "2026-11-21T12:20:03.103502724Z"),
+            ctl(clone, StepStatus::End, "2026-11-21T12:20:03.103502724Z"),
         ]
         .concat();
         assert_eq!(text, expected);

@@ -33,7 +33,7 @@ pub struct LogLine {
     pub step_id: i64,
     /// `stdout`/`stderr` on data lines; absent on control lines.
     #[serde(default)]
-    pub stream: Option<String>,
+    pub stream: Option<std::borrow::Cow<'static, str>>,
     #[serde(default)]
     pub step_status: Option<StepStatus>,
     /// 0 = system (omitted on the wire), 1 = user.
@@ -60,7 +60,7 @@ impl LogLine {
             content: content.into(),
             time: go_time(time),
             step_id,
-            stream: Some("stdout".to_owned()),
+            stream: Some(std::borrow::Cow::Borrowed("stdout")),
             step_status: None,
             step_kind: 0,
             step_command: String::new(),
@@ -138,17 +138,53 @@ fn rfc3339_text<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D::Err
 /// Go's `time.Time` JSON form in UTC: RFC 3339 with up to nine fraction digits, trailing zeros
 /// dropped, `Z`.
 pub fn go_time(t: jiff::Timestamp) -> String {
-    let secs = t.as_second();
-    let nanos = t.subsec_nanosecond();
-    let whole = jiff::Timestamp::from_second(secs).unwrap_or(jiff::Timestamp::UNIX_EPOCH);
-    let mut s = whole.strftime("%Y-%m-%dT%H:%M:%S").to_string();
+    // Hand-formatted: this runs once per log line.
+    let dt = jiff::tz::Offset::UTC.to_datetime(t);
+    let mut s = String::with_capacity(30);
+    let year = dt.year();
+    if (0..=9999).contains(&year) {
+        push_digits(&mut s, year as u32, 4);
+    } else {
+        s.push_str(&format!("{year:04}"));
+    }
+    s.push('-');
+    push_digits(&mut s, dt.month() as u32, 2);
+    s.push('-');
+    push_digits(&mut s, dt.day() as u32, 2);
+    s.push('T');
+    push_digits(&mut s, dt.hour() as u32, 2);
+    s.push(':');
+    push_digits(&mut s, dt.minute() as u32, 2);
+    s.push(':');
+    push_digits(&mut s, dt.second() as u32, 2);
+    let mut nanos = t.subsec_nanosecond().unsigned_abs();
+    if t.subsec_nanosecond() < 0 {
+        // Timestamps before the epoch carry a negative fraction; the civil time already
+        // borrowed the second.
+        nanos = 1_000_000_000 - nanos;
+    }
     if nanos > 0 {
-        let frac = format!("{nanos:09}");
+        let mut digits = 9;
+        while nanos % 10 == 0 {
+            nanos /= 10;
+            digits -= 1;
+        }
         s.push('.');
-        s.push_str(frac.trim_end_matches('0'));
+        push_digits(&mut s, nanos, digits);
     }
     s.push('Z');
     s
+}
+
+fn push_digits(s: &mut String, mut v: u32, width: usize) {
+    let mut buf = [b'0'; 10];
+    for i in (0..width).rev() {
+        buf[i] = b'0' + (v % 10) as u8;
+        v /= 10;
+    }
+    for &b in &buf[..width] {
+        s.push(b as char);
+    }
 }
 
 /// Go's zero `time.Time`, as the failed-before-log frames carry it.
@@ -165,6 +201,10 @@ pub fn write_json_string(out: &mut Vec<u8>, s: &str) {
     let mut i = 0;
     while i < bytes.len() {
         let b = bytes[i];
+        if !NEEDS_ESCAPE[b as usize] {
+            i += 1;
+            continue;
+        }
         let escape: Option<&[u8]> = match b {
             b'"' => Some(b"\\\""),
             b'\\' => Some(b"\\\\"),
@@ -208,6 +248,24 @@ pub fn write_json_string(out: &mut Vec<u8>, s: &str) {
     out.extend_from_slice(&bytes[start..]);
     out.push(b'"');
 }
+
+/// Bytes that may need escaping: controls, `"`, `\`, `<`, `>`, `&`, and 0xe2 (the first byte of
+/// U+2028/U+2029).
+const NEEDS_ESCAPE: [bool; 256] = {
+    let mut t = [false; 256];
+    let mut i = 0;
+    while i < 0x20 {
+        t[i] = true;
+        i += 1;
+    }
+    t[b'"' as usize] = true;
+    t[b'\\' as usize] = true;
+    t[b'<' as usize] = true;
+    t[b'>' as usize] = true;
+    t[b'&' as usize] = true;
+    t[0xe2] = true;
+    t
+};
 
 #[cfg(test)]
 mod tests {
@@ -268,6 +326,10 @@ mod tests {
         assert_eq!(go_time(t), "2025-12-03T09:21:55.31044812Z");
         let zero: jiff::Timestamp = GO_ZERO_TIME.parse().expect("zero");
         assert_eq!(go_time(zero), GO_ZERO_TIME);
+        let before_epoch: jiff::Timestamp = "1969-12-31T23:59:59.5Z".parse().expect("ts");
+        assert_eq!(go_time(before_epoch), "1969-12-31T23:59:59.5Z");
+        let t: jiff::Timestamp = "2026-01-02T03:04:05.000000001Z".parse().expect("ts");
+        assert_eq!(go_time(t), "2026-01-02T03:04:05.000000001Z");
         assert!(
             serde_json::from_str::<LogLine>(r#"{"kind":"data","content":"","time":"yesterday","step_id":0}"#)
                 .is_err()

@@ -84,6 +84,10 @@ impl Masker {
             }
             return Vec::new();
         };
+        // Most lines hold no secret: a quick prefiltered search first.
+        if !matcher.is_match(text) {
+            return Vec::new();
+        }
         let mut ranges: Vec<(usize, usize)> = Vec::new();
         for m in matcher.find_overlapping_iter(text) {
             let (s, e) = (m.start(), m.end());
