@@ -165,7 +165,7 @@ pub fn go_time(t: jiff::Timestamp) -> String {
     }
     if nanos > 0 {
         let mut digits = 9;
-        while nanos % 10 == 0 {
+        while nanos.is_multiple_of(10) {
             nanos /= 10;
             digits -= 1;
         }
