@@ -77,7 +77,7 @@ fn kubelet_output(target_bytes: usize, secrets: &[&str]) -> Vec<u8> {
             len += word.len() + 1;
             w = w.wrapping_mul(31).wrapping_add(7);
         }
-        if i % 50 == 0 {
+        if i.is_multiple_of(50) {
             out.extend_from_slice(secrets[(i / 50) as usize % secrets.len()].as_bytes());
         }
         out.push(b'\n');
