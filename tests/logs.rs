@@ -252,5 +252,7 @@ async fn a_slow_viewer_is_dropped_without_holding_up_the_writer() {
         }
     }
     assert_eq!(code, Some(1013));
+    assert_eq!(s.hub.metrics().viewers_dropped.get(), 1);
+    assert_eq!(s.hub.metrics().lines_written.get(), 601);
     let _ = ws.close(None).await;
 }

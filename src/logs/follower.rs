@@ -297,6 +297,9 @@ impl RunLog {
             return Ok(());
         }
         let offset = self.file.append(&self.buf)?;
+        let metrics = self.hub.metrics();
+        metrics.lines_written.inc_by(memchr::memchr_iter(b'\n', &self.buf).count() as u64);
+        metrics.bytes_written.inc_by(self.buf.len() as u64);
         self.hub.publish(&self.key, Appended { offset, bytes: Arc::from(self.buf.as_slice()) });
         self.buf.clear();
         Ok(())
@@ -740,6 +743,7 @@ impl Follower {
                 }
                 Err(e) => tracing::debug!(error = %e, pod = pod_name, "reading the pod failed"),
             }
+            self.hub.metrics().stream_reconnects.inc();
             tokio::time::sleep(backoff).await;
             backoff = (backoff * 2).min(Duration::from_secs(5));
         }
@@ -1116,6 +1120,12 @@ mod tests {
         assert_eq!(text, expected_live_success(&t));
         let reqs = fake.log_requests(pod, "step-run");
         assert_eq!(reqs.len(), 3, "{reqs:#?}");
+        assert_eq!(
+            h.hub.metrics().stream_reconnects.get(),
+            1,
+            "reopened once while running; then the final read"
+        );
+        assert_eq!(h.hub.metrics().lines_written.get(), text.lines().count() as u64);
         assert!(!reqs[0].contains("sinceTime"), "{}", reqs[0]);
         // The API server takes whole seconds; we floor to the last line's second and skip
         // what we already have.

@@ -51,6 +51,7 @@ pub struct Subscription {
 pub struct LogHub {
     topics: Arc<Mutex<HashMap<String, Topic>>>,
     capacity: usize,
+    metrics: super::metrics::LogMetrics,
 }
 
 impl std::fmt::Debug for LogHub {
@@ -62,7 +63,16 @@ impl std::fmt::Debug for LogHub {
 impl LogHub {
     /// `capacity`: how many unsent chunks one viewer may fall behind before it is dropped.
     pub fn new(capacity: usize) -> Self {
-        LogHub { topics: Arc::new(Mutex::new(HashMap::new())), capacity: capacity.max(1) }
+        LogHub {
+            topics: Arc::new(Mutex::new(HashMap::new())),
+            capacity: capacity.max(1),
+            metrics: super::metrics::LogMetrics::default(),
+        }
+    }
+
+    /// The log metrics, shared by everything that holds this hub (followers and `/logs`).
+    pub fn metrics(&self) -> &super::metrics::LogMetrics {
+        &self.metrics
     }
 
     fn with_topic<T>(&self, key: &str, f: impl FnOnce(&Topic) -> T) -> T {

@@ -16,6 +16,7 @@ pub mod follower;
 pub mod hub;
 pub mod line;
 pub mod mask;
+pub mod metrics;
 pub mod server;
 
 use std::collections::HashMap;
@@ -140,6 +141,11 @@ impl LogService {
         &self.inner.settings
     }
 
+    /// Register with `serve`'s Prometheus registry.
+    pub fn metrics(&self) -> metrics::LogMetrics {
+        self.inner.hub.metrics().clone()
+    }
+
     /// State for [`server::router`].
     pub fn server_state(&self) -> server::LogsState {
         server::LogsState::new(self.inner.store.clone(), self.hub(), &self.inner.settings)
@@ -183,10 +189,14 @@ impl LogService {
         let hub = self.inner.hub.clone();
         let file = key.clone();
         let task = tokio::spawn(async move {
+            hub.metrics().followers.inc();
             if let Err(e) = follower.run().await {
                 tracing::error!(error = %e, label = e.label(), file = %file, "log follower stopped");
+                hub.metrics().follower_failures.inc();
                 hub.writer_done(&file);
             }
+            hub.metrics().followers.dec();
+            hub.gc();
         });
         running.insert(key, (uid, task));
         true

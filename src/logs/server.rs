@@ -86,10 +86,16 @@ async fn serve(socket: WebSocket, state: LogsState, id: WorkflowId) {
         }
         let _ = gone_tx.send(());
     });
+    let metrics = state.hub.metrics().clone();
+    metrics.viewers.inc();
     let end = {
         let mut out = Out { sink: &mut sink, gone: &mut gone };
         stream(&mut out, &state, &id).await
     };
+    metrics.viewers.dec();
+    if matches!(end, End::TooSlow) {
+        metrics.viewers_dropped.inc();
+    }
     let close = match end {
         End::Complete => Some(CloseFrame { code: 1000, reason: Utf8Bytes::from_static(COMPLETE_REASON) }),
         End::TooSlow => {
@@ -104,6 +110,7 @@ async fn serve(socket: WebSocket, state: LogsState, id: WorkflowId) {
         let _ = tokio::time::timeout(Duration::from_secs(2), &mut gone).await;
     }
     reader.abort();
+    state.hub.gc();
 }
 
 struct Out<'a> {
