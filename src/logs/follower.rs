@@ -209,6 +209,18 @@ impl LineAssembler {
                 while end > 0 && rest[end - 1] == b'\r' {
                     end -= 1;
                 }
+                if end > self.cap {
+                    // A whole over-long line: cut it like a partial one (all of it is here, so
+                    // every occurrence is visible to the cut).
+                    let cut = self.masker.safe_cut(&rest[..end], self.cap).max(1);
+                    if cut < end {
+                        let content = self.masker.mask(&rest[..cut]).into_owned();
+                        sink(Segment { ts: self.ts, content, first: !self.in_line, last: false });
+                        at += cut;
+                        self.in_line = true;
+                        continue;
+                    }
+                }
                 let content = self.masker.mask(&rest[..end]).into_owned();
                 sink(Segment { ts: self.ts, content, first: !self.in_line, last: true });
                 at += i + 1;
