@@ -576,11 +576,17 @@ impl Follower {
                 return Ok(if taskrun_done(tr) { Source::NeverRan } else { Source::Wait });
             }
             (tr.clone(), containers)
-        } else if let Some((tr, state)) = list.items.iter().find_map(|tr| {
+        } else if let Some((tr, index)) = list.items.iter().find_map(|tr| {
             let status = tr.status.as_ref()?;
-            status.steps.iter().find(|s| s.name == step.task).map(|s| (tr, s))
+            status.steps.iter().position(|s| s.name == step.task).map(|i| (tr, i))
         }) {
-            if state.termination_reason.as_deref() == Some("Skipped") {
+            let steps = tr.status.as_ref().map(|s| s.steps.as_slice()).unwrap_or_default();
+            let state = &steps[index];
+            // Tekton skips every step after a failed one (its entrypoint then only prints
+            // "Skipping step…"); Go shows nothing for steps that did not run.
+            let earlier_failed =
+                steps[..index].iter().any(|s| s.terminated.as_ref().is_some_and(|t| t.exit_code != 0));
+            if state.termination_reason.as_deref() == Some("Skipped") || earlier_failed {
                 return Ok(Source::NeverRan);
             }
             let container = if state.container.is_empty() {
@@ -1273,6 +1279,26 @@ mod tests {
         ]
         .concat();
         assert_eq!(text, expected);
+    }
+
+    #[tokio::test]
+    async fn packed_steps_after_a_failed_one_are_not_logged_even_before_tekton_marks_them() {
+        let h = harness();
+        let fake = FakeCluster::scenario("packed-fail");
+        {
+            // Live: step 3 is still "running" (its entrypoint is about to print "Skipping step…").
+            let mut st = fake.lock();
+            let tr = st.objects.get_mut(&("TaskRun".to_owned(), "wf-xbq7w-workflow".to_owned())).expect("tr");
+            tr["status"]["steps"][4] = serde_json::json!({
+                "name": "step-3-never", "container": "step-step-3-never",
+                "running": {"startedAt": "2026-11-21T12:19:55Z"}
+            });
+        }
+        let t =
+            target(&fake, "uid-1", &[("Build", "echo build"), ("Boom", "exit 4"), ("Never", "echo never")]);
+        let text = follow(&h, &fake, &t).await;
+        assert!(!text.contains("Skipping") && !text.contains("\"content\":\"Never\""), "{text}");
+        assert!(fake.log_requests("wf-xbq7w-workflow-pod", "step-step-3-never").is_empty());
     }
 
     #[tokio::test]
