@@ -930,6 +930,8 @@ impl Follower {
         if !now && self.last_persist.elapsed() < self.settings.persist_interval {
             return Ok(());
         }
+        // The saved offset must cover every line the saved progress accounts for.
+        self.flush()?;
         let Some(log) = self.log.as_ref() else { return Ok(()) };
         let state = serde_json::to_string(&self.progress)
             .map_err(|e| LogError::Invalid(format!("encoding the log position: {e}")))?;
