@@ -7,6 +7,7 @@
 
 pub mod events;
 pub mod intake;
+pub mod log_positions;
 pub mod migrations;
 
 use std::path::{Path, PathBuf};
