@@ -1,20 +1,9 @@
 //! The WorkflowRun controller: reconcile into Tekton PipelineRuns, map their status, queue, cancel,
 //! clean up.
 //!
-//! [`run`] is what `bobbin serve` calls: startup checks, then (while this replica holds the
-//! Lease) the kube-runtime controller and the queue promoter, until shutdown:
-//!
-//! ```ignore
-//! let metrics = Arc::new(controller::metrics::ControllerMetrics::default());
-//! metrics.register(&mut registry);
-//! let namespace = config.namespace.clone().unwrap_or_else(|| client.default_namespace().to_owned());
-//! let deps = controller::Deps {
-//!     client, config, namespace, store, secrets, ready, metrics,
-//!     on_run_started: Arc::new(move |started| { /* spawn the log follower */ }),
-//!     identity: controller::default_identity(),
-//! };
-//! controller::run(deps, shutdown).await?; // Err only from the startup checks
-//! ```
+//! [`run`] is what `bobbin serve` calls (see `cli/serve.rs`): startup checks, then, while this
+//! replica holds the Lease, the kube-runtime controller, the queue promoter and the leader-only
+//! tasks (intake, log-follower resume), until shutdown.
 
 pub mod cleanup;
 pub mod leader;
@@ -79,7 +68,15 @@ pub struct Deps {
     pub on_run_started: RunHook,
     /// Unique per process; see [`default_identity`].
     pub identity: String,
+    /// Work that must run only on the leading replica (intake, log-follower resume), started each
+    /// time this replica acquires the Lease and stopped (its token cancelled, then awaited) when it
+    /// loses it or shuts down.
+    pub while_leading: Option<LeaderTasks>,
 }
+
+/// See [`Deps::while_leading`]: given the leadership's stop token, the future to run while leading.
+pub type LeaderTasks =
+    Arc<dyn Fn(CancellationToken) -> futures::future::BoxFuture<'static, ()> + Send + Sync>;
 
 /// `<pod name>-<random>`: unique even when a pod restarts with the same name.
 pub fn default_identity() -> String {
@@ -136,9 +133,10 @@ pub async fn run(deps: Deps, shutdown: CancellationToken) -> Result<(), StartupE
             deps.metrics.clone(),
             deps.on_run_started.clone(),
         ));
+        let leader_tasks = deps.while_leading.as_ref().map(|tasks| tokio::spawn(tasks(stop.clone())));
         run_controller(ctx, stop.clone()).await;
         stop.cancel();
-        for task in [watcher_task, holder, promoter] {
+        for task in [watcher_task, holder, promoter].into_iter().chain(leader_tasks) {
             let _ = task.await;
         }
         if let Err(e) = elector.release().await {

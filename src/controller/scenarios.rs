@@ -616,6 +616,7 @@ async fn serve_refuses_to_start_without_tekton_and_stays_unready() {
         metrics: Arc::new(ControllerMetrics::default()),
         on_run_started: Arc::new(|_| {}),
         identity: super::default_identity(),
+        while_leading: None,
     };
     let e = super::run(deps, tokio_util::sync::CancellationToken::new()).await.expect_err("no Tekton");
     server.done().await;
