@@ -7,6 +7,8 @@
 
 pub mod events;
 pub mod migrations;
+pub mod permissions;
+pub mod secrets;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
