@@ -1,0 +1,767 @@
+//! The spindle HTTP server over real sockets on 127.0.0.1 with real SQLite files: motd and routing
+//! behaviour, `/events`, and the XRPC secrets methods with both providers.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use bobbin::model::{StatusKind, StatusRecord, WorkflowId};
+use bobbin::secrets::SecretsManager;
+use bobbin::secrets::kubernetes::KubeSecrets;
+use bobbin::secrets::sqlite::{SecretsKey, SqliteSecrets};
+use bobbin::server::events::{EventsConfig, EventsState};
+use bobbin::server::xrpc::{Authenticator, RepoError, RepoRef, RepoResolver, XrpcState};
+use bobbin::server::{AppParts, ServerMetrics};
+use bobbin::store::Store;
+use bobbin::store::events::StoredEvent;
+use futures::StreamExt;
+use futures::future::BoxFuture;
+use http_body_util::BodyExt;
+use prometheus_client::registry::Registry;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_util::sync::CancellationToken;
+
+const OWNER: &str = "did:plc:hbrpoigf3cbfnobm2o4rak3v";
+const REPO_OWNER: &str = "did:plc:rjnvgfygwwqc5hyfsxmecosf";
+const COLLAB: &str = "did:plc:ogyr5xkxwnrekpk5yroudocu";
+const STRANGER: &str = "did:plc:zzzzzzzzzzzzzzzzzzzzzzzz";
+const REPO_URI: &str = "at://did:plc:rjnvgfygwwqc5hyfsxmecosf/sh.tangled.repo/3m6pd65mx7k2b";
+
+fn fixture(path: &str) -> String {
+    let full = format!("{}/../shared/spec/fixtures/{path}", env!("CARGO_MANIFEST_DIR"));
+    std::fs::read_to_string(&full).expect("fixture")
+}
+
+fn fixture_json(path: &str) -> serde_json::Value {
+    serde_json::from_str(&fixture(path)).expect("fixture json")
+}
+
+// ---------------------------------------------------------------------------------------------
+// A running server
+
+/// Tokens `Bearer <did>` authenticate as `<did>`; anything else fails with the verifier's text.
+struct TestAuth;
+
+impl Authenticator for TestAuth {
+    fn verify<'a>(
+        &'a self,
+        authorization: Option<&'a str>,
+        _lxm: &'a str,
+    ) -> BoxFuture<'a, Result<String, String>> {
+        Box::pin(async move {
+            match authorization.and_then(|h| h.strip_prefix("Bearer ")) {
+                Some(did) if did.starts_with("did:") => Ok(did.to_owned()),
+                Some(_) => Err("token has invalid claims: token is expired".to_owned()),
+                None => Err("missing authorization header".to_owned()),
+            }
+        })
+    }
+}
+
+/// The fixture repo, and a second one owned by the stranger.
+struct TestRepos;
+
+impl RepoResolver for TestRepos {
+    fn resolve<'a>(&'a self, at_uri: &'a str) -> BoxFuture<'a, Result<RepoRef, RepoError>> {
+        Box::pin(async move {
+            match at_uri {
+                REPO_URI => Ok(RepoRef { owner: REPO_OWNER.into(), name: "hello-spindle".into() }),
+                u if !u.starts_with("at://") => Err(RepoError::NotARepo(u.to_owned())),
+                u => Err(RepoError::Resolution(format!("failed to fetch record {u}: not found"))),
+            }
+        })
+    }
+}
+
+struct Server {
+    base: String,
+    ws: String,
+    store: Store,
+    ready: Arc<AtomicBool>,
+    metrics: ServerMetrics,
+    shutdown: CancellationToken,
+    _dir: tempfile::TempDir,
+}
+
+enum Provider {
+    Sqlite,
+    Kube(kube::Client),
+}
+
+async fn start(events: EventsConfig, provider: Provider) -> Server {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = Store::open(dir.path().join("spindle.db")).expect("store");
+    seed_repo(&store).await;
+    let secrets: Arc<dyn SecretsManager> = match provider {
+        Provider::Sqlite => {
+            Arc::new(SqliteSecrets::new(store.clone(), &SecretsKey::generate().expect("key")))
+        }
+        Provider::Kube(client) => Arc::new(KubeSecrets::new(client, "bobbin")),
+    };
+    let metrics = ServerMetrics::default();
+    let mut registry = Registry::default();
+    metrics.register(&mut registry);
+    let ready = Arc::new(AtomicBool::new(false));
+    let shutdown = CancellationToken::new();
+    let app = bobbin::server::app(AppParts {
+        events: EventsState {
+            store: store.clone(),
+            config: events,
+            metrics: metrics.events.clone(),
+            shutdown: shutdown.clone(),
+        },
+        xrpc: XrpcState {
+            owner: OWNER.into(),
+            auth: Arc::new(TestAuth),
+            repos: Arc::new(TestRepos),
+            store: store.clone(),
+            secrets,
+        },
+        ready: ready.clone(),
+        registry: Arc::new(registry),
+        http_metrics: metrics.http.clone(),
+        extra: vec![axum::Router::new().route("/extra", axum::routing::get(|| async { "merged" }))],
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(bobbin::server::serve(listener, app, shutdown.clone()));
+    Server {
+        base: format!("http://{addr}"),
+        ws: format!("ws://{addr}"),
+        store,
+        ready,
+        metrics,
+        shutdown,
+        _dir: dir,
+    }
+}
+
+async fn seed_repo(store: &Store) {
+    store
+        .call(|c| {
+            c.execute(
+                "INSERT INTO repos (knot, owner, name) VALUES ('knot1.tangled.sh', ?1, 'hello-spindle')",
+                [REPO_OWNER],
+            )?;
+            c.execute(
+                "INSERT INTO collaborators (repo_owner, repo_name, subject, author, rkey)
+                 VALUES (?1, 'hello-spindle', ?2, ?1, '3m6pdcollab22')",
+                [REPO_OWNER, COLLAB],
+            )?;
+            Ok(())
+        })
+        .await
+        .expect("seed repo");
+}
+
+struct Reply {
+    status: u16,
+    headers: http::HeaderMap,
+    body: Vec<u8>,
+}
+
+impl Reply {
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+    fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.text()))
+    }
+    fn content_type(&self) -> &str {
+        self.headers.get("content-type").and_then(|v| v.to_str().ok()).unwrap_or("")
+    }
+}
+
+async fn request(method: &str, url: &str, headers: &[(&str, &str)], body: &str) -> Reply {
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http::<http_body_util::Full<axum::body::Bytes>>();
+    let mut req = http::Request::builder().method(method).uri(url);
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let req = req.body(http_body_util::Full::new(axum::body::Bytes::from(body.to_owned()))).expect("request");
+    let resp = client.request(req).await.expect("response");
+    let status = resp.status().as_u16();
+    let headers = resp.headers().clone();
+    let body = resp.into_body().collect().await.expect("body").to_bytes().to_vec();
+    Reply { status, headers, body }
+}
+
+async fn get(url: &str) -> Reply {
+    request("GET", url, &[], "").await
+}
+
+// ---------------------------------------------------------------------------------------------
+// Routing
+
+#[tokio::test]
+async fn motd_health_metrics_and_go_routing_behaviour() {
+    let s = start(EventsConfig::default(), Provider::Sqlite).await;
+
+    for method in ["GET", "POST", "DELETE"] {
+        let motd = request(method, &format!("{}/", s.base), &[], "").await;
+        assert_eq!(motd.status, 200, "{method} /");
+        assert!(motd.content_type().starts_with("text/plain"), "{}", motd.content_type());
+        assert!(motd.text().contains("This is a spindle server."), "{}", motd.text());
+        assert!(motd.text().contains("Most API routes are under /xrpc/"));
+    }
+
+    let missing = get(&format!("{}/nope", s.base)).await;
+    assert_eq!((missing.status, missing.text().as_str()), (404, "404 page not found\n"));
+    assert_eq!(missing.content_type(), "text/plain; charset=utf-8");
+
+    for (method, path) in [
+        ("POST", "/events"),
+        ("POST", "/xrpc/sh.tangled.owner"),
+        ("GET", "/xrpc/sh.tangled.repo.addSecret"),
+        ("GET", "/xrpc/sh.tangled.repo.removeSecret"),
+        ("POST", "/xrpc/sh.tangled.repo.listSecrets"),
+    ] {
+        let r = request(method, &format!("{}{path}", s.base), &[], "").await;
+        assert_eq!(r.status, 405, "{method} {path}");
+        assert!(r.body.is_empty(), "{method} {path}: {}", r.text());
+    }
+
+    let plain = get(&format!("{}/events", s.base)).await;
+    assert_eq!((plain.status, plain.text().as_str()), (400, "Bad Request\n"));
+
+    let upgrade = [
+        ("connection", "Upgrade"),
+        ("upgrade", "websocket"),
+        ("sec-websocket-version", "13"),
+        ("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ=="),
+        ("origin", "https://evil.example"),
+    ];
+    let cross = request("GET", &format!("{}/events", s.base), &upgrade, "").await;
+    assert_eq!(cross.status, 403, "cross-origin upgrade: {}", cross.text());
+
+    assert_eq!(get(&format!("{}/extra", s.base)).await.text(), "merged");
+    assert_eq!(get(&format!("{}/healthz", s.base)).await.status, 200);
+    assert_eq!(get(&format!("{}/readyz", s.base)).await.status, 503);
+    s.ready.store(true, Ordering::Release);
+    assert_eq!(get(&format!("{}/readyz", s.base)).await.status, 200);
+
+    let metrics = get(&format!("{}/metrics", s.base)).await;
+    assert_eq!(metrics.status, 200);
+    let text = metrics.text();
+    assert!(text.contains(r#"bobbin_http_requests_total{method="GET",route="/",status="200"} 1"#), "{text}");
+    assert!(text.contains(r#"route="/events",status="400""#), "{text}");
+    assert!(text.contains("bobbin_events_subscribers"), "{text}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// /events
+
+type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+async fn connect(s: &Server, query: &str) -> Ws {
+    let (ws, _) = tokio_tungstenite::connect_async(format!("{}/events{query}", s.ws)).await.expect("connect");
+    ws
+}
+
+/// The next text frame (pings are skipped); panics after 5 s.
+async fn next_text(ws: &mut Ws) -> String {
+    loop {
+        let msg = tokio::time::timeout(Duration::from_secs(5), ws.next())
+            .await
+            .expect("a frame within 5 s")
+            .expect("stream open")
+            .expect("frame");
+        match msg {
+            Message::Text(t) => return t.to_string(),
+            Message::Ping(_) | Message::Pong(_) => continue,
+            other => panic!("unexpected frame {other:?}"),
+        }
+    }
+}
+
+async fn append(store: &Store, n: usize, workflow: &str) -> Vec<StoredEvent> {
+    let id = WorkflowId::new("knot1.tangled.sh", "3m734z2gwll22", workflow);
+    let mut out = Vec::with_capacity(n);
+    for i in 0..n {
+        let status = if i % 2 == 0 { StatusKind::Pending } else { StatusKind::Running };
+        out.push(
+            store
+                .append_status(StatusRecord::new(&id, status, jiff::Timestamp::now()))
+                .await
+                .expect("append"),
+        );
+    }
+    out
+}
+
+#[tokio::test]
+async fn backfill_pages_past_100_in_order_then_goes_live() {
+    let s = start(EventsConfig::default(), Provider::Sqlite).await;
+    let events = append(&s.store, 250, "build.yml").await;
+    let mut ws = connect(&s, &format!("?cursor={}", events[0].created - 1)).await;
+    for e in &events {
+        assert_eq!(next_text(&mut ws).await, e.frame, "backfill in order, frames verbatim");
+    }
+    let live = append(&s.store, 1, "test.yml").await;
+    assert_eq!(next_text(&mut ws).await, live[0].frame);
+
+    // Resuming from the last cursor we saw gets exactly the rest.
+    drop(ws);
+    let mut resumed = connect(&s, &format!("?cursor={}", events[119].created)).await;
+    for e in events[120..].iter().chain(&live) {
+        assert_eq!(next_text(&mut resumed).await, e.frame);
+    }
+    let marker = append(&s.store, 1, "marker.yml").await;
+    assert_eq!(
+        next_text(&mut resumed).await,
+        marker[0].frame,
+        "nothing between the rest and the next live event"
+    );
+}
+
+#[tokio::test]
+async fn cursor_zero_missing_or_junk_means_no_backfill_and_negative_means_everything() {
+    let s = start(EventsConfig::default(), Provider::Sqlite).await;
+    let old = append(&s.store, 3, "build.yml").await;
+    let mut zero = connect(&s, "?cursor=0").await;
+    let mut none = connect(&s, "").await;
+    let mut junk = connect(&s, "?cursor=yesterday").await;
+    let mut negative = connect(&s, "?cursor=-1").await;
+    let mut future = connect(&s, &format!("?cursor={}", i64::MAX)).await;
+    // Give the connections time to take their starting cursor before the live event.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let live = append(&s.store, 1, "test.yml").await;
+    for ws in [&mut zero, &mut none, &mut junk, &mut future] {
+        assert_eq!(next_text(ws).await, live[0].frame, "no backfill, the live event first");
+    }
+    for e in old.iter().chain(&live) {
+        assert_eq!(next_text(&mut negative).await, e.frame);
+    }
+}
+
+#[tokio::test]
+async fn idle_streams_are_pinged_with_an_empty_payload() {
+    let config = EventsConfig { ping_interval: Duration::from_millis(100), ..EventsConfig::default() };
+    let s = start(config, Provider::Sqlite).await;
+    let mut ws = connect(&s, "").await;
+    let msg = tokio::time::timeout(Duration::from_secs(5), ws.next()).await.expect("ping in time");
+    match msg.expect("open").expect("frame") {
+        Message::Ping(payload) => assert!(payload.is_empty()),
+        other => panic!("expected a ping, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn a_subscriber_that_stops_reading_is_closed_with_a_reason_and_others_keep_up() {
+    let config = EventsConfig {
+        send_timeout: Duration::from_millis(300),
+        close_timeout: Duration::from_secs(30),
+        ..EventsConfig::default()
+    };
+    let s = start(config, Provider::Sqlite).await;
+
+    // A client with a tiny receive buffer that never reads until told to.
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket.set_recv_buffer_size(4096).expect("rcvbuf");
+    let addr = s.ws.trim_start_matches("ws://").parse().expect("addr");
+    let stream = socket.connect(addr).await.expect("tcp connect");
+    let (mut slow, _) =
+        tokio_tungstenite::client_async(format!("{}/events", s.ws), stream).await.expect("ws handshake");
+    let mut fast = connect(&s, "").await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    // ~16 MB of frames: far more than the kernel buffers of a reader that does not read.
+    let id = WorkflowId::new("knot1.tangled.sh", "3m734z2gwll22", "big.yml");
+    let big = "x".repeat(40_000);
+    let mut frames = Vec::new();
+    let reader = async {
+        let mut got = 0;
+        while got < 400 {
+            next_text(&mut fast).await;
+            got += 1;
+        }
+        got
+    };
+    let writer = async {
+        for _ in 0..400 {
+            let rec = StatusRecord::new(&id, StatusKind::Failed, jiff::Timestamp::now())
+                .with_error(big.clone(), -1);
+            frames.push(s.store.append_status(rec).await.expect("append").frame);
+        }
+    };
+    let (got, ()) = tokio::join!(reader, writer);
+    assert_eq!(got, 400, "the fast subscriber received everything");
+
+    // The slow one was dropped: wait for the counter, then read what it was sent.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while s.metrics.events.slow_disconnects.get() == 0 {
+        assert!(tokio::time::Instant::now() < deadline, "slow subscriber not detected");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut received = 0;
+    let close = loop {
+        let msg = tokio::time::timeout(Duration::from_secs(10), slow.next())
+            .await
+            .expect("frames in time")
+            .expect("a close frame before the end")
+            .expect("frame");
+        match msg {
+            Message::Text(t) => {
+                assert_eq!(t.as_str(), frames[received], "frames up to the cut are intact and in order");
+                received += 1;
+            }
+            Message::Close(frame) => break frame.expect("a close frame with a code"),
+            Message::Ping(_) | Message::Pong(_) => {}
+            other => panic!("unexpected {other:?}"),
+        }
+    };
+    assert!(received < 400, "the slow client was cut off (received {received})");
+    assert_eq!(u16::from(close.code), 1008);
+    assert!(close.reason.contains("too slow"), "{}", close.reason);
+    let _ = slow.close(None).await;
+
+    // And the fast one still gets live events.
+    let live = append(&s.store, 1, "after.yml").await;
+    assert_eq!(next_text(&mut fast).await, live[0].frame);
+}
+
+#[tokio::test]
+async fn shutdown_closes_streams_with_going_away() {
+    let s = start(EventsConfig::default(), Provider::Sqlite).await;
+    let mut ws = connect(&s, "").await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    s.shutdown.cancel();
+    let msg = tokio::time::timeout(Duration::from_secs(5), ws.next()).await.expect("close in time");
+    match msg.expect("open").expect("frame") {
+        Message::Close(Some(frame)) => assert_eq!(u16::from(frame.code), 1001),
+        other => panic!("expected close 1001, got {other:?}"),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// XRPC
+
+fn bearer(did: &str) -> String {
+    format!("Bearer {did}")
+}
+
+async fn xrpc_post(s: &Server, method: &str, auth: Option<&str>, body: &serde_json::Value) -> Reply {
+    let mut headers = vec![("content-type", "application/json")];
+    if let Some(a) = auth {
+        headers.push(("authorization", a));
+    }
+    request("POST", &format!("{}/xrpc/{method}", s.base), &headers, &body.to_string()).await
+}
+
+async fn xrpc_list(s: &Server, auth: Option<&str>, repo: Option<&str>) -> Reply {
+    let query = repo.map(|r| format!("?repo={}", urlencode(r))).unwrap_or_default();
+    let headers: Vec<(&str, &str)> = auth.map(|a| vec![("authorization", a)]).unwrap_or_default();
+    request("GET", &format!("{}/xrpc/sh.tangled.repo.listSecrets{query}", s.base), &headers, "").await
+}
+
+fn urlencode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+fn assert_error(reply: &Reply, status: u16, expected: &serde_json::Value) {
+    assert_eq!(reply.status, status, "{}", reply.text());
+    assert_eq!(reply.content_type(), "application/json");
+    assert_eq!(&reply.json(), expected);
+}
+
+fn generic(message: &str) -> serde_json::Value {
+    serde_json::json!({"error": "Generic", "message": message})
+}
+
+#[tokio::test]
+async fn owner_matches_the_fixture() {
+    let s = start(EventsConfig::default(), Provider::Sqlite).await;
+    let r = get(&format!("{}/xrpc/sh.tangled.owner", s.base)).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.content_type(), "application/json");
+    assert_eq!(r.json(), fixture_json("xrpc/owner.response.json"));
+}
+
+/// add → list → duplicate → remove → remove again, as the owner and as a collaborator.
+async fn round_trip(s: &Server) {
+    let add = fixture_json("xrpc/addSecret.request.json");
+    let owner = bearer(REPO_OWNER);
+    let collab = bearer(COLLAB);
+
+    let r = xrpc_post(s, "sh.tangled.repo.addSecret", Some(&owner), &add).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(r.body.is_empty() && r.headers.get("content-type").is_none(), "empty 200");
+    let second =
+        serde_json::json!({"repo": REPO_URI, "key": "REGISTRY_PASSWORD", "value": "hunter2-registry"});
+    assert_eq!(xrpc_post(s, "sh.tangled.repo.addSecret", Some(&collab), &second).await.status, 200);
+
+    let list = xrpc_list(s, Some(&owner), Some(REPO_URI)).await;
+    assert_eq!(list.status, 200, "{}", list.text());
+    let mut got = list.json();
+    let expected = fixture_json("xrpc/listSecrets.response.json");
+    let entries = got["secrets"].as_array_mut().expect("array");
+    entries.sort_by(|a, b| a["key"].as_str().cmp(&b["key"].as_str()));
+    assert_eq!(entries.len(), 2);
+    for (g, e) in entries.iter_mut().zip(expected["secrets"].as_array().expect("fixture array")) {
+        let created = g["createdAt"].as_str().expect("createdAt").to_owned();
+        assert!(
+            created.parse::<jiff::Timestamp>().is_ok() && created.ends_with('Z') && created.len() == 20,
+            "{created}"
+        );
+        g["createdAt"] = e["createdAt"].clone();
+        assert_eq!(g, e, "same shape and values as the fixture apart from the time");
+        assert!(g.get("value").is_none());
+    }
+
+    let dup = xrpc_post(s, "sh.tangled.repo.addSecret", Some(&owner), &add).await;
+    assert_error(&dup, 500, &fixture_json("xrpc/error-key-already-present.json"));
+
+    let remove = fixture_json("xrpc/removeSecret.request.json");
+    let r = xrpc_post(s, "sh.tangled.repo.removeSecret", Some(&collab), &remove).await;
+    assert_eq!((r.status, r.body.len()), (200, 0), "{}", r.text());
+    let again = xrpc_post(s, "sh.tangled.repo.removeSecret", Some(&owner), &remove).await;
+    assert_error(&again, 500, &generic("key not found"));
+    let left = xrpc_list(s, Some(&owner), Some(REPO_URI)).await.json();
+    assert_eq!(left["secrets"].as_array().map(Vec::len), Some(1));
+    let r = xrpc_post(
+        s,
+        "sh.tangled.repo.removeSecret",
+        Some(&owner),
+        &serde_json::json!({"repo": REPO_URI, "key": "REGISTRY_PASSWORD"}),
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    assert_eq!(xrpc_list(s, Some(&owner), Some(REPO_URI)).await.json(), serde_json::json!({"secrets": []}));
+}
+
+#[tokio::test]
+async fn sqlite_round_trip_and_no_plaintext_on_disk() {
+    let s = start(EventsConfig::default(), Provider::Sqlite).await;
+    round_trip(&s).await;
+    // Keep one value stored while we inspect the files.
+    let keep = serde_json::json!({"repo": REPO_URI, "key": "KEPT", "value": "plaintext-canary-7f3a9c"});
+    assert_eq!(
+        xrpc_post(&s, "sh.tangled.repo.addSecret", Some(&bearer(REPO_OWNER)), &keep).await.status,
+        200
+    );
+
+    let db = s.store.path().to_path_buf();
+    let mut files = vec![db.clone()];
+    for suffix in ["-wal", "-shm", "-journal"] {
+        let p = db.with_file_name(format!("spindle.db{suffix}"));
+        if p.exists() {
+            files.push(p);
+        }
+    }
+    assert!(files.len() >= 2, "the WAL is inspected too: {files:?}");
+    let contains = |bytes: &[u8], needle: &str| bytes.windows(needle.len()).any(|w| w == needle.as_bytes());
+    let all: Vec<Vec<u8>> = files.iter().map(|f| std::fs::read(f).expect("read db file")).collect();
+    assert!(all.iter().any(|b| contains(b, "KEPT")), "the scan sees the rows (key names are not secret)");
+    for file in &files {
+        let bytes = std::fs::read(file).expect("read db file");
+        for value in ["plaintext-canary-7f3a9c", "npm_9c1f0b7e5d2a4c8e", "hunter2-registry"] {
+            assert!(!contains(&bytes, value), "{value} found in plaintext in {}", file.display());
+        }
+    }
+}
+
+#[tokio::test]
+async fn every_error_body_matches_go() {
+    let s = start(EventsConfig::default(), Provider::Sqlite).await;
+    let owner = bearer(REPO_OWNER);
+    let add = |key: &str, value: &str| serde_json::json!({"repo": REPO_URI, "key": key, "value": value});
+
+    // Auth first, before the body is even read.
+    let r =
+        xrpc_post(&s, "sh.tangled.repo.addSecret", Some("Bearer expired"), &serde_json::json!("junk")).await;
+    assert_error(&r, 403, &fixture_json("xrpc/error-auth-expired.json"));
+    let r = xrpc_post(&s, "sh.tangled.repo.removeSecret", None, &add("A", "b")).await;
+    assert_error(
+        &r,
+        403,
+        &serde_json::json!({"error": "Auth", "message": "signature verification failed: missing authorization header"}),
+    );
+    let r = xrpc_list(&s, Some("Bearer expired"), None).await;
+    assert_error(&r, 403, &fixture_json("xrpc/error-auth-expired.json"));
+
+    // Input.
+    let r = request(
+        "POST",
+        &format!("{}/xrpc/sh.tangled.repo.addSecret", s.base),
+        &[("authorization", &owner)],
+        "{not json",
+    )
+    .await;
+    assert_eq!((r.status, r.json()["error"].as_str()), (400, Some("Generic")), "{}", r.text());
+    let r = xrpc_post(&s, "sh.tangled.repo.addSecret", Some(&owner), &add("1NVALID", "v")).await;
+    assert_error(&r, 400, &fixture_json("xrpc/error-invalid-key.json"));
+    let r = xrpc_post(&s, "sh.tangled.repo.addSecret", Some(&owner), &add("", "v")).await;
+    assert_error(&r, 400, &fixture_json("xrpc/error-invalid-key.json"));
+    let r = xrpc_post(&s, "sh.tangled.repo.addSecret", Some(&owner), &add(&"K".repeat(51), "v")).await;
+    assert_error(&r, 400, &generic("key must be at most 50 bytes"));
+    let r = xrpc_post(&s, "sh.tangled.repo.addSecret", Some(&owner), &add("K", "")).await;
+    assert_error(&r, 400, &generic("value must not be empty"));
+    let r = xrpc_post(&s, "sh.tangled.repo.addSecret", Some(&owner), &add("K", &"v".repeat(201))).await;
+    assert_error(&r, 400, &generic("value must be at most 200 bytes"));
+    let r = xrpc_list(&s, Some(&owner), None).await;
+    assert_error(&r, 400, &generic("empty params"));
+    let r = xrpc_list(&s, Some(&owner), Some("")).await;
+    assert_error(&r, 400, &generic("empty params"));
+
+    // Repo resolution.
+    let r = xrpc_post(
+        &s,
+        "sh.tangled.repo.addSecret",
+        Some(&owner),
+        &serde_json::json!({"repo": "hello", "key": "K", "value": "v"}),
+    )
+    .await;
+    assert_error(
+        &r,
+        400,
+        &serde_json::json!({"error": "InvalidRepo", "message": "supplied at-uri is not a repo: hello"}),
+    );
+    let other = "at://did:plc:rjnvgfygwwqc5hyfsxmecosf/sh.tangled.repo/3zzzzzzzzzz22";
+    let r = xrpc_list(&s, Some(&owner), Some(other)).await;
+    assert_error(&r, 400, &generic(&format!("failed to fetch record {other}: not found")));
+
+    // Permission: neither owner nor collaborator, and the spindle owner has no implicit access.
+    for who in [STRANGER, OWNER] {
+        let mut expected = fixture_json("xrpc/error-access-control.json");
+        expected["message"] =
+            format!("DID does not have sufficent access permissions for this operation: {who}").into();
+        let r = xrpc_post(&s, "sh.tangled.repo.addSecret", Some(&bearer(who)), &add("K", "v")).await;
+        assert_error(&r, 401, &expected);
+        let r = xrpc_post(&s, "sh.tangled.repo.removeSecret", Some(&bearer(who)), &add("K", "v")).await;
+        assert_error(&r, 401, &expected);
+        let r = xrpc_list(&s, Some(&bearer(who)), Some(REPO_URI)).await;
+        assert_error(&r, 401, &expected);
+    }
+    let mut expected = fixture_json("xrpc/error-access-control.json");
+    expected["message"] =
+        format!("DID does not have sufficent access permissions for this operation: {COLLAB}").into();
+    assert_eq!(
+        expected,
+        fixture_json("xrpc/error-access-control.json"),
+        "the fixture names the collaborator"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Kubernetes provider behind the real handlers: a mocked API server that keeps one Secret.
+
+mod fake_api {
+    use http::{Method, Request, Response, StatusCode};
+    use http_body_util::BodyExt;
+    use kube::client::Body;
+
+    pub type Handle = tower_test::mock::Handle<Request<Body>, Response<Body>>;
+
+    fn json(status: StatusCode, body: &serde_json::Value) -> Response<Body> {
+        Response::builder()
+            .status(status)
+            .header("content-type", "application/json")
+            .body(Body::from(serde_json::to_vec(body).expect("json")))
+            .expect("response")
+    }
+
+    fn not_found() -> Response<Body> {
+        json(
+            StatusCode::NOT_FOUND,
+            &serde_json::json!({"kind":"Status","apiVersion":"v1","status":"Failure","reason":"NotFound","code":404}),
+        )
+    }
+
+    /// Serve Secret requests in namespace `bobbin`, keeping state, and return the sequence of
+    /// (method, path) seen so the test can assert every call.
+    pub async fn serve(
+        mut handle: Handle,
+        until: tokio_util::sync::CancellationToken,
+    ) -> Vec<(Method, String)> {
+        let mut secret: Option<serde_json::Value> = None;
+        let mut version = 0u64;
+        let mut seen = Vec::new();
+        loop {
+            let next = tokio::select! {
+                n = handle.next_request() => n,
+                () = until.cancelled() => break,
+            };
+            let Some((req, send)) = next else { break };
+            let (method, path) = (req.method().clone(), req.uri().path().to_owned());
+            assert!(path.starts_with("/api/v1/namespaces/bobbin/secrets"), "{path}");
+            let bytes = req.into_body().collect().await.expect("body").to_bytes();
+            let body: serde_json::Value = if bytes.is_empty() {
+                serde_json::Value::Null
+            } else {
+                serde_json::from_slice(&bytes).expect("json")
+            };
+            seen.push((method.clone(), path.clone()));
+            let response = match method {
+                Method::GET => secret.as_ref().map_or_else(not_found, |s| json(StatusCode::OK, s)),
+                Method::POST | Method::PUT => {
+                    if method == Method::PUT {
+                        let current = secret.as_ref().expect("PUT only on an existing Secret");
+                        assert_eq!(
+                            body["metadata"]["resourceVersion"],
+                            current["metadata"]["resourceVersion"]
+                        );
+                    }
+                    assert!(
+                        path.ends_with(body["metadata"]["name"].as_str().expect("name"))
+                            || method == Method::POST
+                    );
+                    version += 1;
+                    let mut stored = body.clone();
+                    stored["metadata"]["resourceVersion"] = version.to_string().into();
+                    secret = Some(stored.clone());
+                    json(if method == Method::POST { StatusCode::CREATED } else { StatusCode::OK }, &stored)
+                }
+                Method::DELETE => {
+                    secret = None;
+                    json(
+                        StatusCode::OK,
+                        &serde_json::json!({"kind":"Status","apiVersion":"v1","status":"Success"}),
+                    )
+                }
+                other => panic!("unexpected {other}"),
+            };
+            send.send_response(response);
+        }
+        seen
+    }
+}
+
+#[tokio::test]
+async fn kubernetes_round_trip_through_xrpc() {
+    let (service, handle) =
+        tower_test::mock::pair::<http::Request<kube::client::Body>, http::Response<kube::client::Body>>();
+    let client = kube::Client::new(service, "default");
+    let until = CancellationToken::new();
+    let api = tokio::spawn(fake_api::serve(handle, until.clone()));
+    let s = start(EventsConfig::default(), Provider::Kube(client)).await;
+    round_trip(&s).await;
+    until.cancel();
+    let seen = api.await.expect("fake api");
+
+    let name = bobbin::secrets::kubernetes::secret_name("did:plc:rjnvgfygwwqc5hyfsxmecosf/hello-spindle");
+    let one = format!("/api/v1/namespaces/bobbin/secrets/{name}");
+    let all = "/api/v1/namespaces/bobbin/secrets".to_owned();
+    use http::Method as M;
+    let expected: Vec<(M, String)> = vec![
+        (M::GET, one.clone()),
+        (M::POST, all), // add NPM_TOKEN: create
+        (M::GET, one.clone()),
+        (M::PUT, one.clone()), // add REGISTRY_PASSWORD: replace
+        (M::GET, one.clone()), // list
+        (M::GET, one.clone()), // duplicate add: refused, no write
+        (M::GET, one.clone()),
+        (M::PUT, one.clone()), // remove NPM_TOKEN
+        (M::GET, one.clone()), // remove again: not found
+        (M::GET, one.clone()), // list
+        (M::GET, one.clone()),
+        (M::DELETE, one.clone()), // remove the last key: delete
+        (M::GET, one.clone()),    // list: empty
+    ];
+    assert_eq!(seen, expected);
+}
