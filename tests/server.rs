@@ -5,17 +5,18 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use bobbin::atproto::{HttpClient, HttpSettings, PdsClient, Resolver};
+use bobbin::auth::{ServiceAuth, service_did};
 use bobbin::model::{StatusKind, StatusRecord, WorkflowId};
 use bobbin::secrets::SecretsManager;
 use bobbin::secrets::kubernetes::KubeSecrets;
 use bobbin::secrets::sqlite::{SecretsKey, SqliteSecrets};
 use bobbin::server::events::{EventsConfig, EventsState};
-use bobbin::server::xrpc::{Authenticator, RepoError, RepoRef, RepoResolver, XrpcState};
+use bobbin::server::xrpc::XrpcState;
 use bobbin::server::{AppParts, ServerMetrics};
 use bobbin::store::Store;
 use bobbin::store::events::StoredEvent;
 use futures::StreamExt;
-use futures::future::BoxFuture;
 use http_body_util::BodyExt;
 use prometheus_client::registry::Registry;
 use tokio_tungstenite::tungstenite::Message;
@@ -39,41 +40,147 @@ fn fixture_json(path: &str) -> serde_json::Value {
 // ---------------------------------------------------------------------------------------------
 // A running server
 
-/// Tokens `Bearer <did>` authenticate as `<did>`; anything else fails with the verifier's text.
-struct TestAuth;
+/// The AT Protocol side of the world on 127.0.0.1: a PLC directory (`/plc/<did>`) serving DID
+/// documents with real secp256k1 keys, and a PDS (`/xrpc/com.atproto.repo.getRecord`) holding the
+/// fixture repo record. Tokens are minted and signed here exactly as a PDS would.
+mod world {
+    use std::collections::BTreeMap;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicU64, Ordering};
 
-impl Authenticator for TestAuth {
-    fn verify<'a>(
-        &'a self,
-        authorization: Option<&'a str>,
-        _lxm: &'a str,
-    ) -> BoxFuture<'a, Result<String, String>> {
-        Box::pin(async move {
-            match authorization.and_then(|h| h.strip_prefix("Bearer ")) {
-                Some(did) if did.starts_with("did:") => Ok(did.to_owned()),
-                Some(_) => Err("token has invalid claims: token is expired".to_owned()),
-                None => Err("missing authorization header".to_owned()),
-            }
-        })
+    use axum::extract::{Path, Query, State};
+    use axum::response::{IntoResponse, Response};
+    use base64::Engine as _;
+    use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    use bobbin::atproto::PublicKey;
+    use k256::ecdsa::SigningKey;
+    use k256::ecdsa::signature::Signer;
+
+    pub const AUD: &str = "did:web:spindle.example.com";
+
+    pub struct World {
+        pub plc_url: String,
+        keys: BTreeMap<String, SigningKey>,
+        jti: AtomicU64,
     }
-}
 
-/// The fixture repo, and a second one owned by the stranger.
-struct TestRepos;
+    struct Docs {
+        docs: BTreeMap<String, serde_json::Value>,
+    }
 
-impl RepoResolver for TestRepos {
-    fn resolve<'a>(&'a self, at_uri: &'a str) -> BoxFuture<'a, Result<RepoRef, RepoError>> {
-        Box::pin(async move {
-            match at_uri {
-                REPO_URI => Ok(RepoRef { owner: REPO_OWNER.into(), name: "hello-spindle".into() }),
-                u if !u.starts_with("at://") => Err(RepoError::NotARepo(u.to_owned())),
-                u => Err(RepoError::Resolution(format!("failed to fetch record {u}: not found"))),
+    fn key(seed: u8) -> SigningKey {
+        SigningKey::from_slice(&[seed; 32]).expect("valid scalar")
+    }
+
+    pub async fn start(dids: &[&str], repo_owner: &str, repo_rkey: &str) -> Arc<World> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let origin = format!("http://{}", listener.local_addr().expect("addr"));
+        let keys: BTreeMap<String, SigningKey> =
+            dids.iter().enumerate().map(|(i, d)| (d.to_string(), key(i as u8 + 1))).collect();
+        let docs = keys
+            .iter()
+            .map(|(did, k)| {
+                let public = PublicKey::K256(*k.verifying_key());
+                let doc = serde_json::json!({
+                    "@context": ["https://www.w3.org/ns/did/v1", "https://w3id.org/security/multikey/v1"],
+                    "id": did,
+                    "alsoKnownAs": [format!("at://{}.test", &did[8..14])],
+                    "verificationMethod": [{
+                        "id": format!("{did}#atproto"), "type": "Multikey", "controller": did,
+                        "publicKeyMultibase": public.to_multibase(),
+                    }],
+                    "service": [{"id": "#atproto_pds", "type": "AtprotoPersonalDataServer", "serviceEndpoint": origin}],
+                });
+                (did.clone(), doc)
+            })
+            .collect();
+        let repo = (repo_owner.to_owned(), repo_rkey.to_owned());
+        let app = axum::Router::new()
+            .route(
+                "/plc/{did}",
+                axum::routing::get(|State(docs): State<Arc<Docs>>, Path(did): Path<String>| async move {
+                    match docs.docs.get(&did) {
+                        Some(doc) => axum::Json(doc.clone()).into_response(),
+                        None => (http::StatusCode::NOT_FOUND, format!("DID not registered: {did}"))
+                            .into_response(),
+                    }
+                }),
+            )
+            .with_state(Arc::new(Docs { docs }))
+            .route(
+                "/xrpc/com.atproto.repo.getRecord",
+                axum::routing::get(move |Query(q): Query<BTreeMap<String, String>>| {
+                    let repo = repo.clone();
+                    async move { get_record(&q, &repo) }
+                }),
+            );
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        Arc::new(World { plc_url: format!("{origin}/plc"), keys, jti: AtomicU64::new(0) })
+    }
+
+    fn get_record(q: &BTreeMap<String, String>, (owner, rkey): &(String, String)) -> Response {
+        let field = |k: &str| q.get(k).map(String::as_str);
+        assert_eq!(
+            field("collection"),
+            Some("sh.tangled.repo"),
+            "the spindle always fetches sh.tangled.repo"
+        );
+        if field("repo") == Some(owner) && field("rkey") == Some(rkey) {
+            axum::Json(serde_json::json!({
+                "uri": format!("at://{owner}/sh.tangled.repo/{rkey}"),
+                "cid": "bafyreib2rxk3rh6kzwq5iwn2ygtczmcrhpcxrnebzmnqtr2ebgbm7ak7oi",
+                "value": {"$type": "sh.tangled.repo", "name": "hello-spindle", "knot": "knot1.tangled.sh",
+                          "spindle": "spindle.example.com", "createdAt": "2025-11-28T10:00:00Z"},
+            }))
+            .into_response()
+        } else {
+            (
+                http::StatusCode::BAD_REQUEST,
+                axum::Json(
+                    serde_json::json!({"error": "RecordNotFound", "message": "Could not locate record"}),
+                ),
+            )
+                .into_response()
+        }
+    }
+
+    impl World {
+        /// A fresh, valid service-auth token from `did` for `lxm`, as the appview obtains one.
+        pub fn token(&self, did: &str, lxm: &str) -> String {
+            let now = jiff::Timestamp::now().as_second();
+            self.sign(
+                did,
+                serde_json::json!({"iat": now, "iss": did, "aud": AUD, "exp": now + 60, "lxm": lxm}),
+            )
+        }
+
+        /// Sign `payload` (a `jti` is added when absent) with `did`'s key.
+        pub fn sign(&self, did: &str, payload: serde_json::Value) -> String {
+            let key = self.keys.get(did).cloned().unwrap_or_else(|| key(99));
+            self.sign_with(&key, payload)
+        }
+
+        /// Sign with a key that is not in any DID document.
+        pub fn sign_with_stranger_key(&self, payload: serde_json::Value) -> String {
+            self.sign_with(&key(200), payload)
+        }
+
+        fn sign_with(&self, key: &SigningKey, mut payload: serde_json::Value) -> String {
+            if payload.get("jti").is_none() {
+                payload["jti"] = format!("jti-{}", self.jti.fetch_add(1, Ordering::Relaxed)).into();
             }
-        })
+            let header = URL_SAFE_NO_PAD.encode(br#"{"typ":"JWT","alg":"ES256K"}"#);
+            let body = URL_SAFE_NO_PAD.encode(payload.to_string());
+            let input = format!("{header}.{body}");
+            let signature: k256::ecdsa::Signature = key.sign(input.as_bytes());
+            format!("Bearer {input}.{}", URL_SAFE_NO_PAD.encode(signature.to_bytes()))
+        }
     }
 }
 
 struct Server {
+    world: Arc<world::World>,
+    auth: ServiceAuth,
     base: String,
     ws: String,
     store: Store,
@@ -89,6 +196,10 @@ enum Provider {
 }
 
 async fn start(events: EventsConfig, provider: Provider) -> Server {
+    let world = world::start(&[REPO_OWNER, COLLAB, STRANGER, OWNER], REPO_OWNER, "3m6pd65mx7k2b").await;
+    let http = HttpClient::new(HttpSettings::default()).expect("http client");
+    let resolver = Resolver::new(world.plc_url.clone(), http.clone());
+    let auth = ServiceAuth::new(service_did("spindle.example.com"), resolver.clone());
     let dir = tempfile::tempdir().expect("tempdir");
     let store = Store::open(dir.path().join("spindle.db")).expect("store");
     seed_repo(&store).await;
@@ -112,8 +223,9 @@ async fn start(events: EventsConfig, provider: Provider) -> Server {
         },
         xrpc: XrpcState {
             owner: OWNER.into(),
-            auth: Arc::new(TestAuth),
-            repos: Arc::new(TestRepos),
+            auth: auth.clone(),
+            resolver,
+            pds: PdsClient::new(http),
             store: store.clone(),
             secrets,
         },
@@ -126,6 +238,8 @@ async fn start(events: EventsConfig, provider: Provider) -> Server {
     let addr = listener.local_addr().expect("addr");
     tokio::spawn(bobbin::server::serve(listener, app, shutdown.clone()));
     Server {
+        world,
+        auth,
         base: format!("http://{addr}"),
         ws: format!("ws://{addr}"),
         store,
@@ -437,22 +551,32 @@ async fn shutdown_closes_streams_with_going_away() {
 // ---------------------------------------------------------------------------------------------
 // XRPC
 
-fn bearer(did: &str) -> String {
-    format!("Bearer {did}")
-}
+const ADD: &str = "sh.tangled.repo.addSecret";
+const REMOVE: &str = "sh.tangled.repo.removeSecret";
+const LIST: &str = "sh.tangled.repo.listSecrets";
 
-async fn xrpc_post(s: &Server, method: &str, auth: Option<&str>, body: &serde_json::Value) -> Reply {
+/// POST an XRPC procedure with the raw `Authorization` header (or none).
+async fn post_raw(s: &Server, method: &str, auth: Option<&str>, body: &str) -> Reply {
     let mut headers = vec![("content-type", "application/json")];
     if let Some(a) = auth {
         headers.push(("authorization", a));
     }
-    request("POST", &format!("{}/xrpc/{method}", s.base), &headers, &body.to_string()).await
+    request("POST", &format!("{}/xrpc/{method}", s.base), &headers, body).await
 }
 
-async fn xrpc_list(s: &Server, auth: Option<&str>, repo: Option<&str>) -> Reply {
+/// POST as `did`, with a fresh token signed by its key for this method.
+async fn post_as(s: &Server, method: &str, did: &str, body: &serde_json::Value) -> Reply {
+    post_raw(s, method, Some(&s.world.token(did, method)), &body.to_string()).await
+}
+
+async fn list_raw(s: &Server, auth: Option<&str>, repo: Option<&str>) -> Reply {
     let query = repo.map(|r| format!("?repo={}", urlencode(r))).unwrap_or_default();
     let headers: Vec<(&str, &str)> = auth.map(|a| vec![("authorization", a)]).unwrap_or_default();
-    request("GET", &format!("{}/xrpc/sh.tangled.repo.listSecrets{query}", s.base), &headers, "").await
+    request("GET", &format!("{}/xrpc/{LIST}{query}", s.base), &headers, "").await
+}
+
+async fn list_as(s: &Server, did: &str, repo: Option<&str>) -> Reply {
+    list_raw(s, Some(&s.world.token(did, LIST)), repo).await
 }
 
 fn urlencode(s: &str) -> String {
@@ -483,21 +607,21 @@ async fn owner_matches_the_fixture() {
     assert_eq!(r.json(), fixture_json("xrpc/owner.response.json"));
 }
 
-/// add → list → duplicate → remove → remove again, as the owner and as a collaborator.
+/// add → list → duplicate → remove → remove again, as the owner and as a collaborator, each call
+/// with its own signed service-auth token.
 async fn round_trip(s: &Server) {
     let add = fixture_json("xrpc/addSecret.request.json");
-    let owner = bearer(REPO_OWNER);
-    let collab = bearer(COLLAB);
 
-    let r = xrpc_post(s, "sh.tangled.repo.addSecret", Some(&owner), &add).await;
+    let r = post_as(s, ADD, REPO_OWNER, &add).await;
     assert_eq!(r.status, 200, "{}", r.text());
     assert!(r.body.is_empty() && r.headers.get("content-type").is_none(), "empty 200");
     let second =
         serde_json::json!({"repo": REPO_URI, "key": "REGISTRY_PASSWORD", "value": "hunter2-registry"});
-    assert_eq!(xrpc_post(s, "sh.tangled.repo.addSecret", Some(&collab), &second).await.status, 200);
+    assert_eq!(post_as(s, ADD, COLLAB, &second).await.status, 200);
 
-    let list = xrpc_list(s, Some(&owner), Some(REPO_URI)).await;
+    let list = list_as(s, REPO_OWNER, Some(REPO_URI)).await;
     assert_eq!(list.status, 200, "{}", list.text());
+    assert_eq!(list.content_type(), "application/json");
     let mut got = list.json();
     let expected = fixture_json("xrpc/listSecrets.response.json");
     let entries = got["secrets"].as_array_mut().expect("array");
@@ -511,28 +635,21 @@ async fn round_trip(s: &Server) {
         );
         g["createdAt"] = e["createdAt"].clone();
         assert_eq!(g, e, "same shape and values as the fixture apart from the time");
-        assert!(g.get("value").is_none());
     }
 
-    let dup = xrpc_post(s, "sh.tangled.repo.addSecret", Some(&owner), &add).await;
+    let dup = post_as(s, ADD, REPO_OWNER, &add).await;
     assert_error(&dup, 500, &fixture_json("xrpc/error-key-already-present.json"));
 
     let remove = fixture_json("xrpc/removeSecret.request.json");
-    let r = xrpc_post(s, "sh.tangled.repo.removeSecret", Some(&collab), &remove).await;
+    let r = post_as(s, REMOVE, COLLAB, &remove).await;
     assert_eq!((r.status, r.body.len()), (200, 0), "{}", r.text());
-    let again = xrpc_post(s, "sh.tangled.repo.removeSecret", Some(&owner), &remove).await;
+    let again = post_as(s, REMOVE, REPO_OWNER, &remove).await;
     assert_error(&again, 500, &generic("key not found"));
-    let left = xrpc_list(s, Some(&owner), Some(REPO_URI)).await.json();
+    let left = list_as(s, REPO_OWNER, Some(REPO_URI)).await.json();
     assert_eq!(left["secrets"].as_array().map(Vec::len), Some(1));
-    let r = xrpc_post(
-        s,
-        "sh.tangled.repo.removeSecret",
-        Some(&owner),
-        &serde_json::json!({"repo": REPO_URI, "key": "REGISTRY_PASSWORD"}),
-    )
-    .await;
-    assert_eq!(r.status, 200);
-    assert_eq!(xrpc_list(s, Some(&owner), Some(REPO_URI)).await.json(), serde_json::json!({"secrets": []}));
+    let last = serde_json::json!({"repo": REPO_URI, "key": "REGISTRY_PASSWORD"});
+    assert_eq!(post_as(s, REMOVE, REPO_OWNER, &last).await.status, 200);
+    assert_eq!(list_as(s, COLLAB, Some(REPO_URI)).await.json(), serde_json::json!({"secrets": []}));
 }
 
 #[tokio::test]
@@ -541,10 +658,7 @@ async fn sqlite_round_trip_and_no_plaintext_on_disk() {
     round_trip(&s).await;
     // Keep one value stored while we inspect the files.
     let keep = serde_json::json!({"repo": REPO_URI, "key": "KEPT", "value": "plaintext-canary-7f3a9c"});
-    assert_eq!(
-        xrpc_post(&s, "sh.tangled.repo.addSecret", Some(&bearer(REPO_OWNER)), &keep).await.status,
-        200
-    );
+    assert_eq!(post_as(&s, ADD, REPO_OWNER, &keep).await.status, 200);
 
     let db = s.store.path().to_path_buf();
     let mut files = vec![db.clone()];
@@ -558,10 +672,9 @@ async fn sqlite_round_trip_and_no_plaintext_on_disk() {
     let contains = |bytes: &[u8], needle: &str| bytes.windows(needle.len()).any(|w| w == needle.as_bytes());
     let all: Vec<Vec<u8>> = files.iter().map(|f| std::fs::read(f).expect("read db file")).collect();
     assert!(all.iter().any(|b| contains(b, "KEPT")), "the scan sees the rows (key names are not secret)");
-    for file in &files {
-        let bytes = std::fs::read(file).expect("read db file");
+    for (file, bytes) in files.iter().zip(&all) {
         for value in ["plaintext-canary-7f3a9c", "npm_9c1f0b7e5d2a4c8e", "hunter2-registry"] {
-            assert!(!contains(&bytes, value), "{value} found in plaintext in {}", file.display());
+            assert!(!contains(bytes, value), "{value} found in plaintext in {}", file.display());
         }
     }
 }
@@ -569,74 +682,63 @@ async fn sqlite_round_trip_and_no_plaintext_on_disk() {
 #[tokio::test]
 async fn every_error_body_matches_go() {
     let s = start(EventsConfig::default(), Provider::Sqlite).await;
-    let owner = bearer(REPO_OWNER);
     let add = |key: &str, value: &str| serde_json::json!({"repo": REPO_URI, "key": key, "value": value});
 
-    // Auth first, before the body is even read.
-    let r =
-        xrpc_post(&s, "sh.tangled.repo.addSecret", Some("Bearer expired"), &serde_json::json!("junk")).await;
-    assert_error(&r, 403, &fixture_json("xrpc/error-auth-expired.json"));
-    let r = xrpc_post(&s, "sh.tangled.repo.removeSecret", None, &add("A", "b")).await;
-    assert_error(
-        &r,
-        403,
-        &serde_json::json!({"error": "Auth", "message": "signature verification failed: missing authorization header"}),
+    // Auth comes first, before the body is even read.
+    let now = jiff::Timestamp::now().as_second();
+    let expired = s.world.sign(
+        REPO_OWNER,
+        serde_json::json!({"iat": now - 600, "iss": REPO_OWNER, "aud": world::AUD, "exp": now - 60, "lxm": ADD}),
     );
-    let r = xrpc_list(&s, Some("Bearer expired"), None).await;
+    let r = post_raw(&s, ADD, Some(&expired), "junk").await;
     assert_error(&r, 403, &fixture_json("xrpc/error-auth-expired.json"));
 
     // Input.
-    let r = request(
-        "POST",
-        &format!("{}/xrpc/sh.tangled.repo.addSecret", s.base),
-        &[("authorization", &owner)],
-        "{not json",
-    )
-    .await;
+    let r = post_raw(&s, ADD, Some(&s.world.token(REPO_OWNER, ADD)), "{not json").await;
     assert_eq!((r.status, r.json()["error"].as_str()), (400, Some("Generic")), "{}", r.text());
-    let r = xrpc_post(&s, "sh.tangled.repo.addSecret", Some(&owner), &add("1NVALID", "v")).await;
+    let r = post_as(&s, ADD, REPO_OWNER, &add("1NVALID", "v")).await;
     assert_error(&r, 400, &fixture_json("xrpc/error-invalid-key.json"));
-    let r = xrpc_post(&s, "sh.tangled.repo.addSecret", Some(&owner), &add("", "v")).await;
+    let r = post_as(&s, ADD, REPO_OWNER, &add("", "v")).await;
     assert_error(&r, 400, &fixture_json("xrpc/error-invalid-key.json"));
-    let r = xrpc_post(&s, "sh.tangled.repo.addSecret", Some(&owner), &add(&"K".repeat(51), "v")).await;
+    let r = post_as(&s, ADD, REPO_OWNER, &add(&"K".repeat(51), "v")).await;
     assert_error(&r, 400, &generic("key must be at most 50 bytes"));
-    let r = xrpc_post(&s, "sh.tangled.repo.addSecret", Some(&owner), &add("K", "")).await;
+    let r = post_as(&s, ADD, REPO_OWNER, &add("K", "")).await;
     assert_error(&r, 400, &generic("value must not be empty"));
-    let r = xrpc_post(&s, "sh.tangled.repo.addSecret", Some(&owner), &add("K", &"v".repeat(201))).await;
+    let r = post_as(&s, ADD, REPO_OWNER, &add("K", &"v".repeat(201))).await;
     assert_error(&r, 400, &generic("value must be at most 200 bytes"));
-    let r = xrpc_list(&s, Some(&owner), None).await;
+    let r = list_as(&s, REPO_OWNER, None).await;
     assert_error(&r, 400, &generic("empty params"));
-    let r = xrpc_list(&s, Some(&owner), Some("")).await;
+    let r = list_as(&s, REPO_OWNER, Some("")).await;
     assert_error(&r, 400, &generic("empty params"));
 
     // Repo resolution.
-    let r = xrpc_post(
-        &s,
-        "sh.tangled.repo.addSecret",
-        Some(&owner),
-        &serde_json::json!({"repo": "hello", "key": "K", "value": "v"}),
-    )
-    .await;
+    let r =
+        post_as(&s, ADD, REPO_OWNER, &serde_json::json!({"repo": "hello", "key": "K", "value": "v"})).await;
     assert_error(
         &r,
         400,
         &serde_json::json!({"error": "InvalidRepo", "message": "supplied at-uri is not a repo: hello"}),
     );
     let other = "at://did:plc:rjnvgfygwwqc5hyfsxmecosf/sh.tangled.repo/3zzzzzzzzzz22";
-    let r = xrpc_list(&s, Some(&owner), Some(other)).await;
-    assert_error(&r, 400, &generic(&format!("failed to fetch record {other}: not found")));
+    let r = list_as(&s, REPO_OWNER, Some(other)).await;
+    assert_eq!((r.status, r.json()["error"].as_str()), (400, Some("Generic")), "{}", r.text());
+    assert!(
+        r.json()["message"].as_str().is_some_and(|m| m.starts_with("failed to fetch repo record")),
+        "{}",
+        r.text()
+    );
+    let unknown_owner = "at://did:plc:nobodynobodynobodynobody/sh.tangled.repo/3m6pd65mx7k2b";
+    let r = list_as(&s, REPO_OWNER, Some(unknown_owner)).await;
+    assert_eq!((r.status, r.json()["error"].as_str()), (400, Some("Generic")), "{}", r.text());
 
     // Permission: neither owner nor collaborator, and the spindle owner has no implicit access.
     for who in [STRANGER, OWNER] {
         let mut expected = fixture_json("xrpc/error-access-control.json");
         expected["message"] =
             format!("DID does not have sufficent access permissions for this operation: {who}").into();
-        let r = xrpc_post(&s, "sh.tangled.repo.addSecret", Some(&bearer(who)), &add("K", "v")).await;
-        assert_error(&r, 401, &expected);
-        let r = xrpc_post(&s, "sh.tangled.repo.removeSecret", Some(&bearer(who)), &add("K", "v")).await;
-        assert_error(&r, 401, &expected);
-        let r = xrpc_list(&s, Some(&bearer(who)), Some(REPO_URI)).await;
-        assert_error(&r, 401, &expected);
+        assert_error(&post_as(&s, ADD, who, &add("K", "v")).await, 401, &expected);
+        assert_error(&post_as(&s, REMOVE, who, &add("K", "v")).await, 401, &expected);
+        assert_error(&list_as(&s, who, Some(REPO_URI)).await, 401, &expected);
     }
     let mut expected = fixture_json("xrpc/error-access-control.json");
     expected["message"] =
@@ -646,6 +748,63 @@ async fn every_error_body_matches_go() {
         fixture_json("xrpc/error-access-control.json"),
         "the fixture names the collaborator"
     );
+}
+
+/// Every way service auth fails is a 403 `Auth` whose message is exactly the verifier's text.
+#[tokio::test]
+async fn service_auth_failures_map_to_403_auth() {
+    let s = start(EventsConfig::default(), Provider::Sqlite).await;
+    let body = serde_json::json!({"repo": REPO_URI, "key": "K", "value": "v"}).to_string();
+    let now = jiff::Timestamp::now().as_second();
+    let claims = |iss: &str, aud: &str, exp: i64, lxm: &str| serde_json::json!({"iat": now, "iss": iss, "aud": aud, "exp": exp, "lxm": lxm});
+    let unknown = "did:plc:nobodynobodynobodynobody";
+    let cases: Vec<(&str, Option<String>)> = vec![
+        ("missing header", None),
+        ("malformed", Some("Bearer not-a-jwt".into())),
+        ("expired", Some(s.world.sign(REPO_OWNER, claims(REPO_OWNER, world::AUD, now - 60, ADD)))),
+        (
+            "wrong aud",
+            Some(s.world.sign(REPO_OWNER, claims(REPO_OWNER, "did:web:other.example", now + 60, ADD))),
+        ),
+        ("wrong lxm", Some(s.world.sign(REPO_OWNER, claims(REPO_OWNER, world::AUD, now + 60, REMOVE)))),
+        (
+            "bad signature",
+            Some(s.world.sign_with_stranger_key(claims(REPO_OWNER, world::AUD, now + 60, ADD))),
+        ),
+        ("unknown DID", Some(s.world.sign(unknown, claims(unknown, world::AUD, now + 60, ADD)))),
+    ];
+    for (name, header) in cases {
+        // The same verifier, asked directly, says what the body must carry.
+        let error = s.auth.verify(header.as_deref(), ADD).await.expect_err(name);
+        let label = match name {
+            "missing header" => "missing_token",
+            "malformed" => "malformed",
+            "expired" => "expired",
+            "wrong aud" => "invalid_audience",
+            "wrong lxm" => "wrong_method",
+            "bad signature" => "bad_signature",
+            _ => "identity",
+        };
+        assert_eq!(error.label(), label, "{name}: {error}");
+        let text = error.to_string();
+        let r = post_raw(&s, ADD, header.as_deref(), &body).await;
+        assert_error(
+            &r,
+            403,
+            &serde_json::json!({"error": "Auth", "message": format!("signature verification failed: {text}")}),
+        );
+        // listSecrets goes through the same gate.
+        let r = list_raw(&s, header.as_deref(), Some(REPO_URI)).await;
+        assert_eq!((r.status, r.json()["error"].as_str()), (403, Some("Auth")), "{name}: {}", r.text());
+    }
+    let expired = s.world.sign(REPO_OWNER, claims(REPO_OWNER, world::AUD, now - 60, ADD));
+    assert_eq!(s.auth.verify(Some(&expired), ADD).await, Err(bobbin::auth::AuthError::Expired));
+
+    // A valid token is accepted once; replaying it is refused.
+    let token = s.world.token(REPO_OWNER, ADD);
+    assert_eq!(post_raw(&s, ADD, Some(&token), &body).await.status, 200);
+    let replay = post_raw(&s, ADD, Some(&token), &body).await;
+    assert_eq!((replay.status, replay.json()["error"].as_str()), (403, Some("Auth")));
 }
 
 // ---------------------------------------------------------------------------------------------

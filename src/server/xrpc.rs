@@ -5,8 +5,7 @@
 //! appview cannot tell the difference. Two improvements stay wire-compatible: the lexicon length
 //! limits are enforced (B25) and an empty list is `[]`, never `null`.
 //!
-//! Service-auth verification and at-uri → repo resolution are injected through [`Authenticator`]
-//! and [`RepoResolver`]; `serve` passes the `auth` and `atproto` implementations.
+//! Service auth is [`crate::auth::ServiceAuth`]; at-uri → repo is [`crate::atproto::resolve_repo`].
 
 use std::sync::Arc;
 
@@ -16,8 +15,10 @@ use axum::extract::{Query, State, rejection::QueryRejection};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use futures::future::BoxFuture;
 use serde::{Deserialize, Serialize};
+
+use crate::atproto::{PdsClient, RepoError, Resolver, resolve_repo};
+use crate::auth::ServiceAuth;
 
 use crate::secrets::{SecretsError, SecretsManager, is_valid_key, scope};
 use crate::store::Store;
@@ -31,49 +32,17 @@ pub const LIST_SECRETS: &str = "sh.tangled.repo.listSecrets";
 pub const KEY_MAX_LEN: usize = 50;
 pub const VALUE_MAX_LEN: usize = 200;
 
-/// Verifies the service-auth token of a request and names its actor.
-pub trait Authenticator: Send + Sync {
-    /// `authorization` is the raw `Authorization` header; `lxm` the method being called. On
-    /// failure, the text that follows `signature verification failed: ` in the 403 body.
-    fn verify<'a>(
-        &'a self,
-        authorization: Option<&'a str>,
-        lxm: &'a str,
-    ) -> BoxFuture<'a, Result<String, String>>;
-}
-
-/// A repo as the permission check and secret scope need it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RepoRef {
-    /// The owner's DID (the at-uri authority, resolved).
-    pub owner: String,
-    /// The repo record's `name`.
-    pub name: String,
-}
-
-/// Why a repo at-uri could not be resolved.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum RepoError {
-    /// Not a repo at-uri at all: 400 `InvalidRepo`.
-    #[error("supplied at-uri is not a repo: {0}")]
-    NotARepo(String),
-    /// Resolution failed (identity, PDS, record): 400 `Generic` with this text.
-    #[error("{0}")]
-    Resolution(String),
-}
-
-/// Resolves `at://<authority>/sh.tangled.repo/<rkey>` to the repo's owner DID and name.
-pub trait RepoResolver: Send + Sync {
-    fn resolve<'a>(&'a self, at_uri: &'a str) -> BoxFuture<'a, Result<RepoRef, RepoError>>;
-}
-
 /// What the XRPC methods need.
 #[derive(Clone)]
 pub struct XrpcState {
     /// `SPINDLE_SERVER_OWNER`.
     pub owner: String,
-    pub auth: Arc<dyn Authenticator>,
-    pub repos: Arc<dyn RepoResolver>,
+    /// Service-auth verification (audience `did:web:<SPINDLE_SERVER_HOSTNAME>`).
+    pub auth: ServiceAuth,
+    /// DID resolution for repo owners (shares its cache with `auth`).
+    pub resolver: Resolver,
+    /// Reads the `sh.tangled.repo` record from the owner's PDS.
+    pub pds: PdsClient,
     /// Permission data (registered repos and collaborators).
     pub store: Store,
     pub secrets: Arc<dyn SecretsManager>,
@@ -161,24 +130,25 @@ async fn owner(State(state): State<XrpcState>) -> XrpcResult {
 async fn actor(state: &XrpcState, headers: &HeaderMap, lxm: &str) -> XrpcResult<String> {
     let authorization =
         headers.get(header::AUTHORIZATION).map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
-    state.auth.verify(authorization.as_deref(), lxm).await.map_err(|text| XrpcError::auth(&text))
+    state.auth.verify(authorization.as_deref(), lxm).await.map_err(|e| XrpcError::auth(&e.to_string()))
 }
 
 /// Resolve `repo` and check that `actor` may manage its secrets; returns the secret scope.
 async fn authorize(state: &XrpcState, repo: &str, actor: &str) -> XrpcResult<String> {
-    let resolved = state.repos.resolve(repo).await.map_err(|e| match e {
-        RepoError::NotARepo(_) => XrpcError::new(StatusCode::BAD_REQUEST, "InvalidRepo", e.to_string()),
-        RepoError::Resolution(_) => XrpcError::generic(StatusCode::BAD_REQUEST, e.to_string()),
+    let (owner, name) = resolve_repo(&state.resolver, &state.pds, repo).await.map_err(|e| match e {
+        RepoError::InvalidUri(_) => XrpcError::new(StatusCode::BAD_REQUEST, "InvalidRepo", e.to_string()),
+        // Identity, PDS and record problems (B25: an unexpected record type too) are 400 Generic.
+        other => XrpcError::generic(StatusCode::BAD_REQUEST, other.to_string()),
     })?;
     let allowed = state
         .store
-        .can_manage_secrets(&resolved.owner, &resolved.name, actor)
+        .can_manage_secrets(&owner, &name, actor)
         .await
         .map_err(|e| XrpcError::generic(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
     if !allowed {
         return Err(XrpcError::access_control(actor));
     }
-    Ok(scope(&resolved.owner, &resolved.name))
+    Ok(scope(&owner, &name))
 }
 
 fn decode<T: for<'de> Deserialize<'de>>(body: &Bytes) -> XrpcResult<T> {
