@@ -75,7 +75,7 @@ impl HttpMetrics {
     /// Middleware recording every request; apply with `axum::middleware::from_fn_with_state`.
     pub async fn track(State(metrics): State<Arc<HttpMetrics>>, req: Request, next: Next) -> Response {
         let started = Instant::now();
-        let method = req.method().as_str().to_owned();
+        let method = method_label(req.method()).to_owned();
         let route = req
             .extensions()
             .get::<MatchedPath>()
@@ -86,6 +86,24 @@ impl HttpMetrics {
         metrics.requests.get_or_create(&labels).inc();
         metrics.duration.get_or_create(&labels).observe(started.elapsed().as_secs_f64());
         response
+    }
+}
+
+/// Standard methods by name; anything else (`/` accepts any method) as `other`, so a client
+/// inventing methods cannot grow the label set.
+fn method_label(method: &http::Method) -> &'static str {
+    use http::Method as M;
+    match *method {
+        M::GET => "GET",
+        M::HEAD => "HEAD",
+        M::POST => "POST",
+        M::PUT => "PUT",
+        M::DELETE => "DELETE",
+        M::PATCH => "PATCH",
+        M::OPTIONS => "OPTIONS",
+        M::CONNECT => "CONNECT",
+        M::TRACE => "TRACE",
+        _ => "other",
     }
 }
 
@@ -113,5 +131,7 @@ mod tests {
         );
         assert!(text.contains("bobbin_http_request_duration_seconds_count"), "{text}");
         assert!(text.ends_with("# EOF\n"), "{text}");
+        assert_eq!(method_label(&http::Method::from_bytes(b"BREW").expect("method")), "other");
+        assert_eq!(method_label(&http::Method::POST), "POST");
     }
 }

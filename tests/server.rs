@@ -406,7 +406,9 @@ async fn append(store: &Store, n: usize, workflow: &str) -> Vec<StoredEvent> {
 
 #[tokio::test]
 async fn backfill_pages_past_100_in_order_then_goes_live() {
-    let s = start(EventsConfig::default(), Provider::Sqlite).await;
+    // A shared window far smaller than the backlog: the backfill pages from the store, then the
+    // stream crosses over to the window for the newest events and live ones.
+    let s = start(EventsConfig { recent_capacity: 16, ..EventsConfig::default() }, Provider::Sqlite).await;
     let events = append(&s.store, 250, "build.yml").await;
     let mut ws = connect(&s, &format!("?cursor={}", events[0].created - 1)).await;
     for e in &events {
@@ -533,6 +535,27 @@ async fn a_subscriber_that_stops_reading_is_closed_with_a_reason_and_others_keep
     // And the fast one still gets live events.
     let live = append(&s.store, 1, "after.yml").await;
     assert_eq!(next_text(&mut fast).await, live[0].frame);
+}
+
+#[tokio::test]
+async fn subscribers_beyond_the_cap_get_503_until_a_slot_frees() {
+    let s = start(EventsConfig { max_subscribers: 1, ..EventsConfig::default() }, Provider::Sqlite).await;
+    let first = connect(&s, "").await;
+    let refused =
+        tokio_tungstenite::connect_async(format!("{}/events", s.ws)).await.expect_err("at capacity");
+    match refused {
+        tokio_tungstenite::tungstenite::Error::Http(r) => assert_eq!(r.status().as_u16(), 503),
+        other => panic!("expected an HTTP 503, got {other:?}"),
+    }
+    drop(first);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        match tokio_tungstenite::connect_async(format!("{}/events", s.ws)).await {
+            Ok(_) => break,
+            Err(e) => assert!(tokio::time::Instant::now() < deadline, "slot never freed: {e}"),
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 #[tokio::test]

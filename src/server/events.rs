@@ -7,6 +7,7 @@
 //! (it stopped reading, or cannot keep up) gets a close frame 1008 with a reason and is dropped; the
 //! others are not affected because nothing is shared between connections but the store.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
@@ -14,7 +15,7 @@ use axum::extract::ws::{
     CloseFrame, Message, WebSocket, WebSocketUpgrade, rejection::WebSocketUpgradeRejection,
 };
 use axum::extract::{Query, State, rejection::QueryRejection};
-use axum::http::HeaderMap;
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use futures::stream::SplitSink;
@@ -22,8 +23,10 @@ use futures::{SinkExt, StreamExt};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
+use tokio::sync::{Semaphore, watch};
 use tokio_util::sync::CancellationToken;
 
+use super::recent::RecentEvents;
 use crate::store::Store;
 
 /// Close code sent to a subscriber that cannot keep up (policy violation, as the socket would
@@ -43,6 +46,11 @@ pub struct EventsConfig {
     pub close_timeout: Duration,
     /// Events read from the store per query (Go: 100).
     pub page_size: usize,
+    /// Open streams allowed at once; further upgrades get 503. The endpoint is unauthenticated
+    /// (the appview connects anonymously), so this bounds what strangers can hold open (B26).
+    pub max_subscribers: usize,
+    /// Newest events kept in memory for all subscribers to share (see [`super::recent`]).
+    pub recent_capacity: usize,
 }
 
 impl Default for EventsConfig {
@@ -52,6 +60,8 @@ impl Default for EventsConfig {
             send_timeout: Duration::from_secs(30),
             close_timeout: Duration::from_secs(5),
             page_size: 100,
+            max_subscribers: 1024,
+            recent_capacity: 4096,
         }
     }
 }
@@ -92,7 +102,18 @@ pub struct EventsState {
 
 /// `GET /events`, state applied.
 pub fn router(state: EventsState) -> Router {
-    Router::new().route("/events", get(handler)).with_state(state)
+    let slots = Arc::new(Semaphore::new(state.config.max_subscribers));
+    let tip = *state.store.subscribe_events().borrow();
+    let recent = Arc::new(RecentEvents::new(state.config.recent_capacity, tip));
+    Router::new().route("/events", get(handler)).with_state(Shared { state, slots, recent })
+}
+
+#[derive(Clone)]
+struct Shared {
+    state: EventsState,
+    /// One permit per open stream.
+    slots: Arc<Semaphore>,
+    recent: Arc<RecentEvents>,
 }
 
 /// Where a connection starts reading, from its `cursor` query parameter.
@@ -126,7 +147,7 @@ impl Start {
 }
 
 async fn handler(
-    State(state): State<EventsState>,
+    State(Shared { state, slots, recent }): State<Shared>,
     headers: HeaderMap,
     query: Result<Query<Vec<(String, String)>>, QueryRejection>,
     upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
@@ -137,7 +158,14 @@ async fn handler(
     };
     let cursor = query.ok().and_then(|Query(q)| q.into_iter().find(|(k, _)| k == "cursor").map(|(_, v)| v));
     let start = Start::parse(cursor.as_deref());
-    upgrade.on_upgrade(move |socket| stream(state, socket, start))
+    let Ok(slot) = slots.try_acquire_owned() else {
+        tracing::warn!(max = state.config.max_subscribers, "refusing an /events subscriber: at capacity");
+        return super::HandshakeRejected(StatusCode::SERVICE_UNAVAILABLE).into_response();
+    };
+    upgrade.on_upgrade(move |socket| async move {
+        stream(state, recent, socket, start).await;
+        drop(slot);
+    })
 }
 
 /// Why a stream ended.
@@ -152,7 +180,7 @@ enum End {
 type Sink = SplitSink<WebSocket, Message>;
 
 #[tracing::instrument(name = "events", skip_all, fields(start = ?start))]
-async fn stream(state: EventsState, socket: WebSocket, start: Start) {
+async fn stream(state: EventsState, recent: Arc<RecentEvents>, socket: WebSocket, start: Start) {
     state.metrics.subscribers.inc();
     let (mut sink, mut incoming) = socket.split();
     // Read and discard whatever the client sends; the stream ending means the client is gone.
@@ -160,7 +188,7 @@ async fn stream(state: EventsState, socket: WebSocket, start: Start) {
     tokio::pin!(reader);
 
     let end = tokio::select! {
-        end = pump(&state, &mut sink, start) => end,
+        end = pump(&state, &recent, &mut sink, start) => end,
         () = &mut reader => End::ClientGone,
         () = state.shutdown.cancelled() => End::Shutdown,
     };
@@ -191,12 +219,12 @@ async fn stream(state: EventsState, socket: WebSocket, start: Start) {
 }
 
 /// Backfill, then follow the store's tip, until something ends the stream.
-async fn pump(state: &EventsState, sink: &mut Sink, start: Start) -> End {
+async fn pump(state: &EventsState, recent: &RecentEvents, sink: &mut Sink, start: Start) -> End {
     let mut tip = state.store.subscribe_events();
     let now = jiff::Timestamp::now().as_nanosecond() as i64;
     let mut cursor = start.resolve(now, *tip.borrow_and_update());
     loop {
-        if let Err(end) = drain(state, sink, &mut cursor).await {
+        if let Err(end) = drain(state, recent, &mut tip, sink, &mut cursor).await {
             return end;
         }
         tokio::select! {
@@ -215,11 +243,24 @@ async fn pump(state: &EventsState, sink: &mut Sink, start: Start) -> End {
     }
 }
 
-/// Send every event after `cursor`, a page at a time, advancing `cursor` past each one sent.
-async fn drain(state: &EventsState, sink: &mut Sink, cursor: &mut i64) -> Result<(), End> {
+/// Send every event after `cursor`, a page at a time, advancing `cursor` past each one sent. Pages
+/// come from the shared window when it reaches back to `cursor`, else from the store.
+async fn drain(
+    state: &EventsState,
+    recent: &RecentEvents,
+    tip: &mut watch::Receiver<i64>,
+    sink: &mut Sink,
+    cursor: &mut i64,
+) -> Result<(), End> {
+    let size = state.config.page_size;
     loop {
-        let page = state.store.events_after(*cursor, state.config.page_size).await.map_err(End::Store)?;
-        let full = page.len() == state.config.page_size;
+        let newest = *tip.borrow_and_update();
+        recent.refresh(&state.store, newest, size).await.map_err(End::Store)?;
+        let page = match recent.read(*cursor, size) {
+            Some(page) => page,
+            None => state.store.events_after(*cursor, size).await.map_err(End::Store)?,
+        };
+        let full = page.len() == size;
         for event in page {
             send(state, sink, Message::Text(event.frame.into())).await?;
             state.metrics.frames_sent.inc();

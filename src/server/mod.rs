@@ -3,6 +3,7 @@
 //! empty 405s, gorilla's 400 for a plain request to a WebSocket route and its same-origin check.
 
 pub mod events;
+pub mod recent;
 pub mod xrpc;
 
 use std::sync::Arc;
