@@ -62,6 +62,47 @@ pub trait SecretsManager: SecretValues {
     fn list<'a>(&'a self, scope: &'a str) -> BoxFuture<'a, Result<Vec<SecretEntry>, SecretsError>>;
 }
 
+/// Why the configured provider cannot start. Each message names the setting to fix.
+#[derive(Debug, thiserror::Error)]
+pub enum ProviderError {
+    #[error(transparent)]
+    Key(#[from] sqlite::KeyError),
+    #[error(
+        "SPINDLE_SERVER_SECRETS_PROVIDER=kubernetes needs a Kubernetes client (in-cluster or KUBECONFIG)"
+    )]
+    NoCluster,
+}
+
+impl ProviderError {
+    pub fn label(&self) -> &'static str {
+        match self {
+            ProviderError::Key(e) => e.label(),
+            ProviderError::NoCluster => "no_cluster",
+        }
+    }
+}
+
+/// The provider `SPINDLE_SERVER_SECRETS_PROVIDER` selects. `namespace` is bobbin's namespace (the
+/// Kubernetes provider keeps its Secrets there). Fails at startup, not at the first request, when
+/// the sqlite key is missing or malformed.
+pub fn from_config(
+    config: &crate::config::Config,
+    store: crate::store::Store,
+    client: Option<kube::Client>,
+    namespace: &str,
+) -> Result<std::sync::Arc<dyn SecretsManager>, ProviderError> {
+    match config.secrets_provider {
+        crate::config::SecretsProvider::Sqlite => {
+            let key = sqlite::SecretsKey::from_config(config)?;
+            Ok(std::sync::Arc::new(sqlite::SqliteSecrets::new(store, &key)))
+        }
+        crate::config::SecretsProvider::Kubernetes => {
+            let client = client.ok_or(ProviderError::NoCluster)?;
+            Ok(std::sync::Arc::new(kubernetes::KubeSecrets::new(client, namespace)))
+        }
+    }
+}
+
 /// Whether `key` can be a secret name: a shell identifier, `^[a-zA-Z_][a-zA-Z0-9_]*$`, because every
 /// secret becomes an environment variable of every step (Go's `secrets.ValidateKey`).
 pub fn is_valid_key(key: &str) -> bool {
@@ -82,6 +123,23 @@ mod tests {
         for bad in ["", "1A", "A-B", "A B", "É", "A.B", "$A"] {
             assert!(!is_valid_key(bad), "{bad}");
         }
+    }
+
+    #[tokio::test]
+    async fn the_configured_provider_starts_or_says_why_not() {
+        let (_dir, store) = crate::store::temp_store();
+        let mut config = crate::config::Config::for_tests();
+        config.secrets_key = None;
+        let e = from_config(&config, store.clone(), None, "bobbin").err().expect("no key");
+        assert!(e.to_string().contains("BOBBIN_SECRETS_KEY"), "{e}");
+        config.secrets_key = Some("AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=".into());
+        let sqlite = from_config(&config, store.clone(), None, "bobbin").expect("sqlite");
+        sqlite.add("did:plc:a/r", "K", "v", "did:plc:a").await.expect("add");
+        let values: std::sync::Arc<dyn SecretValues> = sqlite;
+        assert_eq!(values.values("did:plc:a/r").await.expect("values").len(), 1);
+        config.secrets_provider = crate::config::SecretsProvider::Kubernetes;
+        let e = from_config(&config, store, None, "bobbin").err().expect("no cluster");
+        assert_eq!(e.label(), "no_cluster");
     }
 
     #[test]

@@ -157,13 +157,16 @@ async fn handler(
         Err(rejected) => return rejected.into_response(),
     };
     let cursor = query.ok().and_then(|Query(q)| q.into_iter().find(|(k, _)| k == "cursor").map(|(_, v)| v));
-    let start = Start::parse(cursor.as_deref());
+    // Fix the starting point now, before the 101 response: "no backfill" then means nothing
+    // appended before the client's handshake completed, however late the stream task starts.
+    let now = jiff::Timestamp::now().as_nanosecond() as i64;
+    let cursor = Start::parse(cursor.as_deref()).resolve(now, *state.store.subscribe_events().borrow());
     let Ok(slot) = slots.try_acquire_owned() else {
         tracing::warn!(max = state.config.max_subscribers, "refusing an /events subscriber: at capacity");
         return super::HandshakeRejected(StatusCode::SERVICE_UNAVAILABLE).into_response();
     };
     upgrade.on_upgrade(move |socket| async move {
-        stream(state, recent, socket, start).await;
+        stream(state, recent, socket, cursor).await;
         drop(slot);
     })
 }
@@ -179,8 +182,8 @@ enum End {
 
 type Sink = SplitSink<WebSocket, Message>;
 
-#[tracing::instrument(name = "events", skip_all, fields(start = ?start))]
-async fn stream(state: EventsState, recent: Arc<RecentEvents>, socket: WebSocket, start: Start) {
+#[tracing::instrument(name = "events", skip_all, fields(cursor))]
+async fn stream(state: EventsState, recent: Arc<RecentEvents>, socket: WebSocket, cursor: i64) {
     state.metrics.subscribers.inc();
     let (mut sink, mut incoming) = socket.split();
     // Read and discard whatever the client sends; the stream ending means the client is gone.
@@ -188,7 +191,7 @@ async fn stream(state: EventsState, recent: Arc<RecentEvents>, socket: WebSocket
     tokio::pin!(reader);
 
     let end = tokio::select! {
-        end = pump(&state, &recent, &mut sink, start) => end,
+        end = pump(&state, &recent, &mut sink, cursor) => end,
         () = &mut reader => End::ClientGone,
         () = state.shutdown.cancelled() => End::Shutdown,
     };
@@ -219,10 +222,8 @@ async fn stream(state: EventsState, recent: Arc<RecentEvents>, socket: WebSocket
 }
 
 /// Backfill, then follow the store's tip, until something ends the stream.
-async fn pump(state: &EventsState, recent: &RecentEvents, sink: &mut Sink, start: Start) -> End {
+async fn pump(state: &EventsState, recent: &RecentEvents, sink: &mut Sink, mut cursor: i64) -> End {
     let mut tip = state.store.subscribe_events();
-    let now = jiff::Timestamp::now().as_nanosecond() as i64;
-    let mut cursor = start.resolve(now, *tip.borrow_and_update());
     loop {
         if let Err(end) = drain(state, recent, &mut tip, sink, &mut cursor).await {
             return end;
