@@ -2,6 +2,7 @@
 //! with a bounded cache: hits live 24 h, errors 2 min (as the Go spindle's indigo directory),
 //! so a burst of requests from one user costs one lookup.
 
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -125,6 +126,26 @@ struct Inner {
     settings: CacheSettings,
     cache: Mutex<TtlCache<String, Cached>>,
     metrics: IdentityMetrics,
+    inflight: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    handles: Mutex<TtlCache<String, Result<String, IdentityError>>>,
+}
+
+/// Removes a DID's fetch gate once its last user is done, also when the lookup is cancelled.
+struct InflightGate<'a> {
+    resolver: &'a Resolver,
+    did: &'a str,
+    gate: Arc<tokio::sync::Mutex<()>>,
+}
+
+impl Drop for InflightGate<'_> {
+    fn drop(&mut self) {
+        let mut map = self.resolver.inflight();
+        // Clones are only taken under the map lock, so the count is exact: map + us = 2.
+        if map.get(self.did).is_some_and(|g| Arc::ptr_eq(g, &self.gate)) && Arc::strong_count(&self.gate) == 2
+        {
+            map.remove(self.did);
+        }
+    }
 }
 
 impl std::fmt::Debug for Resolver {
@@ -143,7 +164,9 @@ impl Resolver {
         let plc_url = plc_url.into().trim_end_matches('/').to_string();
         let cache = Mutex::new(TtlCache::new(settings.capacity));
         let metrics = IdentityMetrics::default();
-        Resolver { inner: Arc::new(Inner { plc_url, http, settings, cache, metrics }) }
+        let inflight = Mutex::new(HashMap::new());
+        let handles = Mutex::new(TtlCache::new(settings.capacity));
+        Resolver { inner: Arc::new(Inner { plc_url, http, settings, cache, metrics, inflight, handles }) }
     }
 
     /// Counters to register with the server's registry.
@@ -167,9 +190,15 @@ impl Resolver {
             Ok(p) => p,
             Err(e) => return (Err(e.into()), false),
         };
-        if let Some((cached, _)) = self.lock().get(&did.to_string(), Instant::now()) {
-            self.inner.metrics.record("cache", &cached);
-            return (cached, true);
+        if let Some(hit) = self.cached(did) {
+            return (hit, true);
+        }
+        // One fetch per DID at a time: concurrent callers wait and then read the cache.
+        let gate = self.inflight().entry(did.to_string()).or_default().clone();
+        let gate = InflightGate { resolver: self, did, gate };
+        let _turn = gate.gate.lock().await;
+        if let Some(hit) = self.cached(did) {
+            return (hit, true);
         }
         let result = self.fetch(&parsed).await;
         self.inner.metrics.record("network", &result);
@@ -180,6 +209,16 @@ impl Resolver {
             tracing::debug!(did, error = %e, "identity resolution failed");
         }
         (result, false)
+    }
+
+    fn cached(&self, did: &str) -> Option<Cached> {
+        let (hit, _) = self.lock().get(&did.to_string(), Instant::now())?;
+        self.inner.metrics.record("cache", &hit);
+        Some(hit)
+    }
+
+    fn inflight(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<tokio::sync::Mutex<()>>>> {
+        self.inner.inflight.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Forget a DID so the next lookup refetches it (key rotation).
@@ -203,10 +242,23 @@ impl Resolver {
 
     /// Handle → DID through `https://<handle>/.well-known/atproto-did`. The DNS TXT method is
     /// not supported (no DNS client in the dependency graph); such handles fail with a clear error.
+    /// Answers are cached like DID lookups.
     pub async fn resolve_handle(&self, handle: &str) -> Result<String, IdentityError> {
         if !is_valid_handle(handle) {
             return Err(IdentityError::InvalidHandle(handle.to_string()));
         }
+        let handles = || self.inner.handles.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some((hit, _)) = handles().get(&handle.to_string(), Instant::now()) {
+            return hit;
+        }
+        let result = self.fetch_handle(handle).await;
+        let now = Instant::now();
+        let ttl = if result.is_ok() { self.inner.settings.hit_ttl } else { self.inner.settings.error_ttl };
+        handles().insert(handle.to_string(), result.clone(), now, now + ttl);
+        result
+    }
+
+    async fn fetch_handle(&self, handle: &str) -> Result<String, IdentityError> {
         let fail = |reason: String| IdentityError::HandleResolution { handle: handle.to_string(), reason };
         let resp = self.web_get(handle, "/.well-known/atproto-did").await.map_err(|e| fail(e.to_string()))?;
         if !resp.status.is_success() {
@@ -345,6 +397,31 @@ pub(crate) mod tests {
     }
 
     #[tokio::test]
+    async fn concurrent_lookups_share_one_fetch() {
+        let srv = TestServer::start().await;
+        let key = PublicKey::K256(*k256_key("alice").verifying_key());
+        srv.set_json(&format!("/plc/{ALICE}"), &did_doc(ALICE, &key, "https://x", "alice.test"));
+        srv.set_delay(Duration::from_millis(200));
+        let r = resolver(&srv);
+        let lookups = (0..8).map(|_| {
+            let r = r.clone();
+            tokio::spawn(async move { r.resolve(ALICE).await })
+        });
+        for res in futures::future::join_all(lookups).await {
+            res.expect("task").expect("resolves");
+        }
+        assert_eq!(srv.count(&format!("/plc/{ALICE}")), 1, "one fetch for eight callers");
+        assert!(r.inflight().is_empty(), "gates are cleaned up");
+
+        // A cancelled lookup leaves no gate behind either.
+        r.purge(ALICE).await;
+        let slow = r.clone();
+        let _ =
+            tokio::time::timeout(Duration::from_millis(50), async move { slow.resolve(ALICE).await }).await;
+        assert!(r.inflight().is_empty(), "cancelled lookup cleaned up");
+    }
+
+    #[tokio::test]
     async fn did_web_resolves_through_well_known() {
         let srv = TestServer::start().await;
         let key = PublicKey::P256(*p256_key("web").verifying_key());
@@ -441,11 +518,15 @@ pub(crate) mod tests {
         assert!(err.to_string().starts_with("failed to resolve handle mallory.test"), "{err}");
 
         assert_eq!(r.resolve_authority("not a handle").await.expect_err("syntax").label(), "invalid_handle");
+        let well_known = srv.count("/.well-known/atproto-did");
+        r.resolve_authority("alice.test").await.expect("cached handle");
+        assert_eq!(srv.count("/.well-known/atproto-did"), well_known, "handle answers are cached");
+
         srv.set("/.well-known/atproto-did", 404, "");
         let err = r.resolve_handle("bob.test").await.expect_err("no well-known");
         assert_eq!(err.label(), "handle_resolution");
         assert!(err.to_string().contains("DNS TXT"), "{err}");
         srv.set("/.well-known/atproto-did", 200, "<html>");
-        assert_eq!(r.resolve_handle("bob.test").await.expect_err("garbage").label(), "handle_resolution");
+        assert_eq!(r.resolve_handle("carol.test").await.expect_err("garbage").label(), "handle_resolution");
     }
 }
