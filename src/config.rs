@@ -156,6 +156,29 @@ impl Config {
             .unwrap_or_else(|e| unreachable!("defaults are valid: {e}"))
     }
 
+    /// For `bobbin render`: the environment and config file as `serve` reads them, except that the
+    /// server's required identity (hostname, owner) gets placeholders, since render serves nothing.
+    pub fn for_render(
+        var: impl Fn(&str) -> Option<String>,
+        read_file: impl Fn(&str) -> std::io::Result<String>,
+    ) -> Result<Self, ConfigError> {
+        Self::load(
+            |k| {
+                let value = var(k);
+                let placeholder = match k {
+                    "SPINDLE_SERVER_HOSTNAME" => Some("render.invalid"),
+                    "SPINDLE_SERVER_OWNER" => Some("did:plc:render"),
+                    _ => None,
+                };
+                match placeholder {
+                    Some(p) if value.as_deref().is_none_or(str::is_empty) => Some(p.to_owned()),
+                    _ => value,
+                }
+            },
+            read_file,
+        )
+    }
+
     /// Build from a variable lookup and a file reader (injected so tests need no process state).
     pub fn load(
         var: impl Fn(&str) -> Option<String>,
@@ -405,6 +428,20 @@ mod tests {
         }
         assert_eq!(load(&[], "").expect_err("missing").variable, "SPINDLE_SERVER_HOSTNAME");
         assert_eq!(load(&REQUIRED[..1], "").expect_err("missing").variable, "SPINDLE_SERVER_OWNER");
+    }
+
+    #[test]
+    fn render_needs_no_server_identity_but_checks_the_rest() {
+        let c = Config::for_render(|_| None, |_| Err(std::io::ErrorKind::NotFound.into())).expect("defaults");
+        assert_eq!(c.layout, Layout::PerStep);
+        let vars: BTreeMap<&str, &str> =
+            [("SPINDLE_SERVER_HOSTNAME", ""), ("BOBBIN_LAYOUT", "packed")].into();
+        let c =
+            Config::for_render(|k| vars.get(k).map(|v| v.to_string()), |_| Ok(String::new())).expect("ok");
+        assert_eq!(c.layout, Layout::Packed);
+        let e = Config::for_render(|k| (k == "BOBBIN_LAYOUT").then(|| "x".into()), |_| Ok(String::new()))
+            .expect_err("bad layout");
+        assert_eq!(e.variable, "BOBBIN_LAYOUT");
     }
 
     #[test]

@@ -232,7 +232,14 @@ async fn start(events: EventsConfig, provider: Provider) -> Server {
         ready: ready.clone(),
         registry: Arc::new(registry),
         http_metrics: metrics.http.clone(),
-        extra: vec![axum::Router::new().route("/extra", axum::routing::get(|| async { "merged" }))],
+        extra: vec![
+            bobbin::logs::server::router(bobbin::logs::server::LogsState::new(
+                store.clone(),
+                bobbin::logs::hub::LogHub::new(64),
+                &bobbin::logs::LogSettings::new(dir.path().join("logs")),
+            )),
+            axum::Router::new().route("/extra", axum::routing::get(|| async { "merged" })),
+        ],
     });
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
@@ -336,8 +343,12 @@ async fn motd_health_metrics_and_go_routing_behaviour() {
         assert!(r.body.is_empty(), "{method} {path}: {}", r.text());
     }
 
-    let plain = get(&format!("{}/events", s.base)).await;
-    assert_eq!((plain.status, plain.text().as_str()), (400, "Bad Request\n"));
+    for path in ["/events", "/logs/knot1.tangled.sh/3m734z2gwll22/test.yml"] {
+        let plain = get(&format!("{}{path}", s.base)).await;
+        assert_eq!((plain.status, plain.text().as_str()), (400, "Bad Request\n"), "{path}");
+        let wrong = request("POST", &format!("{}{path}", s.base), &[], "").await;
+        assert_eq!((wrong.status, wrong.body.len()), (405, 0), "{path}");
+    }
 
     let upgrade = [
         ("connection", "Upgrade"),
@@ -346,8 +357,10 @@ async fn motd_health_metrics_and_go_routing_behaviour() {
         ("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ=="),
         ("origin", "https://evil.example"),
     ];
-    let cross = request("GET", &format!("{}/events", s.base), &upgrade, "").await;
-    assert_eq!(cross.status, 403, "cross-origin upgrade: {}", cross.text());
+    for path in ["/events", "/logs/knot1.tangled.sh/3m734z2gwll22/test.yml"] {
+        let cross = request("GET", &format!("{}{path}", s.base), &upgrade, "").await;
+        assert_eq!(cross.status, 403, "cross-origin upgrade of {path}: {}", cross.text());
+    }
 
     assert_eq!(get(&format!("{}/extra", s.base)).await.text(), "merged");
     assert_eq!(get(&format!("{}/healthz", s.base)).await.status, 200);

@@ -4,6 +4,8 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+pub mod render;
+
 #[derive(Debug, Parser)]
 #[command(
     name = "bobbin",
@@ -19,6 +21,8 @@ pub struct Cli {
 pub enum Command {
     /// Print the WorkflowRun CustomResourceDefinition as YAML.
     Crds,
+    /// Print the Tekton PipelineRun(s) for a knot event or a workflow file (for `kubectl apply -f -`).
+    Render(Box<render::RenderArgs>),
 }
 
 /// Run one command. Errors are printed here; the exit code says what kind of failure it was
@@ -35,5 +39,6 @@ pub async fn run(cli: Cli) -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        Command::Render(args) => render::run(&args),
     }
 }

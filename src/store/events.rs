@@ -78,7 +78,7 @@ impl Store {
 
     /// Raise the tip to `created`, never lower it: two appends finishing in the opposite order of
     /// their commits must not leave the tip below an event that exists.
-    fn advance_tip(&self, created: i64) {
+    pub(super) fn advance_tip(&self, created: i64) {
         self.inner.events_tip.send_if_modified(|tip| {
             let newer = created > *tip;
             if newer {
@@ -108,7 +108,7 @@ fn frame_text(event: &str, nsid: &str, rkey: &str) -> String {
     s
 }
 
-fn insert(conn: &Connection, rkey: &str, record: &StatusRecord) -> Result<StoredEvent> {
+pub(super) fn insert(conn: &Connection, rkey: &str, record: &StatusRecord) -> Result<StoredEvent> {
     let now = jiff::Timestamp::now().as_nanosecond() as i64;
     let created = now.max(tip(conn)? + 1);
     let event = serde_json::to_string(record).unwrap_or_default();
@@ -128,7 +128,7 @@ fn insert(conn: &Connection, rkey: &str, record: &StatusRecord) -> Result<Stored
     Ok(StoredEvent { created, frame })
 }
 
-fn latest_in(conn: &Connection, pipeline: &str, workflow: &str) -> Result<Option<StatusRecord>> {
+pub(super) fn latest_in(conn: &Connection, pipeline: &str, workflow: &str) -> Result<Option<StatusRecord>> {
     let event: Option<String> = conn
         .prepare_cached(
             "SELECT event FROM events WHERE pipeline = ?1 AND workflow = ?2 ORDER BY created DESC LIMIT 1",

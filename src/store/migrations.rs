@@ -91,6 +91,17 @@ pub const MIGRATIONS: &[&str] = &[
         UNIQUE (repo, key)
     );
     "#,
+    // 2: log follower positions, so a restarted bobbin resumes a run's log where it stopped.
+    r#"
+    CREATE TABLE log_positions (
+        log_file TEXT PRIMARY KEY,
+        run_uid TEXT NOT NULL,
+        file_offset INTEGER NOT NULL,
+        state TEXT NOT NULL,
+        done INTEGER NOT NULL DEFAULT 0,
+        updated_at INTEGER NOT NULL
+    );
+    "#,
 ];
 
 /// Bring `conn` up to the newest schema, one transaction per version.

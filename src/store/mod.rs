@@ -6,6 +6,8 @@
 //! a busy timeout, and [`migrations`] brings any older file up to the current schema on open.
 
 pub mod events;
+pub mod intake;
+pub mod log_positions;
 pub mod migrations;
 pub mod permissions;
 pub mod secrets;

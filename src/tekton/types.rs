@@ -124,6 +124,11 @@ pub struct PipelineWorkspaceDeclaration {
 #[serde(rename_all = "camelCase")]
 pub struct PipelineTask {
     pub name: String,
+    /// What `tkn` and the dashboard show instead of the name (the plan's step name).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub display_name: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub params: Vec<Param>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub run_after: Vec<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -143,12 +148,33 @@ pub struct WorkspacePipelineTaskBinding {
     pub sub_path: Option<String>,
 }
 
+/// A string parameter value passed to a pipeline task.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Param {
+    pub name: String,
+    pub value: String,
+}
+
+/// A parameter a Task declares.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ParamSpec {
+    pub name: String,
+    #[serde(rename = "type", default, skip_serializing_if = "Option::is_none")]
+    pub type_: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub default: Option<String>,
+}
+
 /// A Task embedded in a pipeline task (`taskSpec`).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct EmbeddedTask {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub description: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub params: Vec<ParamSpec>,
     #[serde(default)]
     pub steps: Vec<Step>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]

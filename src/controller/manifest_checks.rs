@@ -1,0 +1,174 @@
+//! Checks on `manifests/`: every document parses into its real Kubernetes type, the Role grants
+//! every call the controller makes, the Deployment's settings load, and the CRD copy is current.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{ConfigMap, Namespace, PersistentVolumeClaim, Service, ServiceAccount};
+use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
+
+fn dir() -> String {
+    format!("{}/manifests", env!("CARGO_MANIFEST_DIR"))
+}
+
+/// Every YAML document of every manifest file, as (file, document).
+fn documents() -> Vec<(String, serde_yaml::Value)> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir()).expect("manifests dir") {
+        let path = entry.expect("entry").path();
+        if path.extension().and_then(|e| e.to_str()) != Some("yaml") {
+            continue;
+        }
+        let name = path.file_name().and_then(|n| n.to_str()).expect("name").to_owned();
+        if name == "kustomization.yaml" {
+            continue;
+        }
+        let text = std::fs::read_to_string(&path).expect("read");
+        for doc in text.split("\n---\n") {
+            let value: serde_yaml::Value =
+                crate::yaml::from_str(doc).unwrap_or_else(|e| panic!("{name}: {e}"));
+            out.push((name.clone(), value));
+        }
+    }
+    out
+}
+
+fn typed<T: serde::de::DeserializeOwned>(docs: &[(String, serde_yaml::Value)], kind: &str) -> Vec<T> {
+    docs.iter()
+        .filter(|(_, d)| d["kind"].as_str() == Some(kind))
+        .map(|(f, d)| crate::yaml::from_value(d.clone()).unwrap_or_else(|e| panic!("{f} ({kind}): {e}")))
+        .collect()
+}
+
+#[test]
+fn kustomization_lists_every_manifest() {
+    let k: serde_yaml::Value = crate::yaml::from_str(
+        &std::fs::read_to_string(format!("{}/kustomization.yaml", dir())).expect("read"),
+    )
+    .expect("yaml");
+    let listed: Vec<&str> =
+        k["resources"].as_sequence().expect("resources").iter().filter_map(|v| v.as_str()).collect();
+    for file in &listed {
+        assert!(std::path::Path::new(&format!("{}/{file}", dir())).exists(), "{file} is listed but missing");
+    }
+    for (file, _) in documents() {
+        assert!(listed.contains(&file.as_str()), "{file} is not in kustomization.yaml");
+    }
+}
+
+#[test]
+fn the_crd_copy_is_current() {
+    let copy = std::fs::read_to_string(format!("{}/crds/workflowrun.yaml", dir())).expect("copy");
+    let generated = crate::crd::crd_yaml().expect("crd");
+    assert!(
+        copy == generated,
+        "manifests/crds/workflowrun.yaml is stale: cargo run -- crds > manifests/crds/workflowrun.yaml"
+    );
+}
+
+#[test]
+fn every_document_is_a_valid_object() {
+    let docs = documents();
+    let kinds: Vec<&str> = docs.iter().filter_map(|(_, d)| d["kind"].as_str()).collect();
+    for kind in [
+        "Namespace",
+        "ServiceAccount",
+        "Role",
+        "RoleBinding",
+        "PersistentVolumeClaim",
+        "ConfigMap",
+        "Deployment",
+        "Service",
+    ] {
+        assert!(kinds.contains(&kind), "no {kind}");
+    }
+    assert_eq!(typed::<Namespace>(&docs, "Namespace").len(), 1);
+    assert_eq!(typed::<ServiceAccount>(&docs, "ServiceAccount").len(), 1);
+    assert_eq!(typed::<PersistentVolumeClaim>(&docs, "PersistentVolumeClaim").len(), 1);
+    assert_eq!(typed::<Service>(&docs, "Service").len(), 1);
+    let bindings = typed::<RoleBinding>(&docs, "RoleBinding");
+    assert_eq!(bindings[0].role_ref.name, "bobbin");
+    assert!(typed::<Namespace>(&docs, "ClusterRole").is_empty(), "no ClusterRole is needed");
+}
+
+/// (API group, resource, verb) for every call bobbin makes.
+const CALLS: &[(&str, &str, &str)] = &[
+    ("bobbin.dev", "workflowruns", "list"),
+    ("bobbin.dev", "workflowruns", "watch"),
+    ("bobbin.dev", "workflowruns", "create"),
+    ("bobbin.dev", "workflowruns", "patch"),
+    ("bobbin.dev", "workflowruns", "delete"),
+    ("bobbin.dev", "workflowruns/status", "patch"),
+    ("tekton.dev", "pipelineruns", "get"),
+    ("tekton.dev", "pipelineruns", "list"),
+    ("tekton.dev", "pipelineruns", "watch"),
+    ("tekton.dev", "pipelineruns", "create"),
+    ("tekton.dev", "pipelineruns", "patch"),
+    ("tekton.dev", "taskruns", "list"),
+    ("tekton.dev", "taskruns", "watch"),
+    ("", "pods", "list"),
+    ("", "pods/log", "get"),
+    ("", "secrets", "create"),
+    ("", "secrets", "get"),
+    ("events.k8s.io", "events", "create"),
+    ("events.k8s.io", "events", "patch"),
+    ("coordination.k8s.io", "leases", "get"),
+    ("coordination.k8s.io", "leases", "create"),
+    ("coordination.k8s.io", "leases", "update"),
+    ("", "namespaces", "get"),
+];
+
+#[test]
+fn the_role_grants_every_call_and_no_wildcards() {
+    let docs = documents();
+    let role = typed::<Role>(&docs, "Role").pop().expect("a Role");
+    let rules = role.rules.unwrap_or_default();
+    for rule in &rules {
+        for list in [
+            &rule.verbs,
+            rule.resources.as_ref().expect("resources"),
+            rule.api_groups.as_ref().expect("groups"),
+        ] {
+            assert!(!list.iter().any(|v| v == "*"), "wildcard in {rule:?}");
+        }
+    }
+    for (group, resource, verb) in CALLS {
+        let granted = rules.iter().any(|r| {
+            r.api_groups.iter().flatten().any(|g| g == group)
+                && r.resources.iter().flatten().any(|x| x == resource)
+                && r.verbs.iter().any(|v| v == verb)
+        });
+        assert!(granted, "the Role does not grant {verb} {resource} ({group})");
+    }
+}
+
+#[test]
+fn the_deployment_is_locked_down_and_its_settings_load() {
+    let docs = documents();
+    let deployment = typed::<Deployment>(&docs, "Deployment").pop().expect("a Deployment");
+    let spec = deployment.spec.expect("spec");
+    assert_eq!(spec.replicas, Some(1));
+    let pod = spec.template.spec.expect("pod spec");
+    assert_eq!(pod.security_context.as_ref().and_then(|s| s.run_as_non_root), Some(true));
+    let c = &pod.containers[0];
+    let sc = c.security_context.as_ref().expect("container securityContext");
+    assert_eq!((sc.read_only_root_filesystem, sc.allow_privilege_escalation), (Some(true), Some(false)));
+    let probe_path = |p: &Option<k8s_openapi::api::core::v1::Probe>| {
+        p.as_ref().and_then(|p| p.http_get.as_ref()).and_then(|h| h.path.clone())
+    };
+    assert_eq!(probe_path(&c.readiness_probe).as_deref(), Some("/readyz"));
+    assert_eq!(probe_path(&c.liveness_probe).as_deref(), Some("/healthz"));
+
+    let env: BTreeMap<String, String> =
+        c.env.iter().flatten().filter_map(|e| Some((e.name.clone(), e.value.clone()?))).collect();
+    let configmap = typed::<ConfigMap>(&docs, "ConfigMap").pop().expect("a ConfigMap");
+    let file = configmap.data.and_then(|d| d.get("config.yaml").cloned()).expect("config.yaml");
+    let config = crate::config::Config::load(
+        |k| if k == "BOBBIN_NAMESPACE" { Some("bobbin".into()) } else { env.get(k).cloned() },
+        |_| Ok(file.clone()),
+    )
+    .expect("the manifests' settings load");
+    assert_eq!(config.db_path.parent(), config.log_dir.parent(), "db and logs share the volume");
+    let mounts: Vec<&str> = c.volume_mounts.iter().flatten().map(|m| m.mount_path.as_str()).collect();
+    assert!(mounts.iter().any(|m| config.db_path.starts_with(m)), "the database is on a mounted volume");
+}

@@ -1,0 +1,338 @@
+//! `LogLine`: one line of a workflow's log file and one text frame on `/logs` (spec §6.3).
+//!
+//! Encoded by hand rather than through serde because the bytes must match Go's `encoding/json`
+//! exactly (key order, omitted empty fields, `\u003c`-style escapes) and because every output
+//! line of every step passes through here, so it has to be cheap.
+
+use serde::Deserialize;
+
+/// `data` (output) or `control` (step start/end).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LineKind {
+    Data,
+    Control,
+}
+
+/// Control-line `step_status`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StepStatus {
+    Start,
+    End,
+}
+
+/// One log line. `time` is kept as text so a parsed line re-encodes byte for byte; new lines get
+/// Go's format from [`go_time`].
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct LogLine {
+    pub kind: LineKind,
+    pub content: String,
+    #[serde(deserialize_with = "rfc3339_text")]
+    pub time: String,
+    pub step_id: i64,
+    /// `stdout`/`stderr` on data lines; absent on control lines.
+    #[serde(default)]
+    pub stream: Option<std::borrow::Cow<'static, str>>,
+    #[serde(default)]
+    pub step_status: Option<StepStatus>,
+    /// 0 = system (omitted on the wire), 1 = user.
+    #[serde(default)]
+    pub step_kind: i64,
+    #[serde(default)]
+    pub step_command: String,
+}
+
+/// Go's `step_kind` for a plan step kind.
+pub fn step_kind_code(kind: crate::crd::StepKind) -> i64 {
+    match kind {
+        crate::crd::StepKind::System => 0,
+        crate::crd::StepKind::User => 1,
+    }
+}
+
+impl LogLine {
+    /// A data line of step `step_id`. Kubernetes merges stdout and stderr, so bobbin always says
+    /// `stdout` (the appview ignores the field).
+    pub fn data(step_id: i64, content: impl Into<String>, time: jiff::Timestamp) -> Self {
+        LogLine {
+            kind: LineKind::Data,
+            content: content.into(),
+            time: go_time(time),
+            step_id,
+            stream: Some(std::borrow::Cow::Borrowed("stdout")),
+            step_status: None,
+            step_kind: 0,
+            step_command: String::new(),
+        }
+    }
+
+    /// A `start` or `end` control line.
+    pub fn control(
+        step_id: i64,
+        status: StepStatus,
+        name: impl Into<String>,
+        step_kind: i64,
+        command: impl Into<String>,
+        time: jiff::Timestamp,
+    ) -> Self {
+        LogLine {
+            kind: LineKind::Control,
+            content: name.into(),
+            time: go_time(time),
+            step_id,
+            stream: None,
+            step_status: Some(status),
+            step_kind,
+            step_command: command.into(),
+        }
+    }
+
+    /// Compact JSON exactly as Go's `json.Marshal` writes it, without a newline.
+    pub fn to_json(&self) -> String {
+        let mut out = Vec::with_capacity(96 + self.content.len() + self.step_command.len());
+        self.encode_into(&mut out);
+        // Only valid UTF-8 and ASCII escapes were written.
+        String::from_utf8(out).unwrap_or_default()
+    }
+
+    /// Append the JSON encoding (no newline) to `out`.
+    pub fn encode_into(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(match self.kind {
+            LineKind::Data => b"{\"kind\":\"data\",\"content\":",
+            LineKind::Control => b"{\"kind\":\"control\",\"content\":",
+        });
+        write_json_string(out, &self.content);
+        out.extend_from_slice(b",\"time\":");
+        write_json_string(out, &self.time);
+        out.extend_from_slice(b",\"step_id\":");
+        out.extend_from_slice(self.step_id.to_string().as_bytes());
+        if let Some(stream) = self.stream.as_deref().filter(|s| !s.is_empty()) {
+            out.extend_from_slice(b",\"stream\":");
+            write_json_string(out, stream);
+        }
+        match self.step_status {
+            Some(StepStatus::Start) => out.extend_from_slice(b",\"step_status\":\"start\""),
+            Some(StepStatus::End) => out.extend_from_slice(b",\"step_status\":\"end\""),
+            None => {}
+        }
+        if self.step_kind != 0 {
+            out.extend_from_slice(b",\"step_kind\":");
+            out.extend_from_slice(self.step_kind.to_string().as_bytes());
+        }
+        if !self.step_command.is_empty() {
+            out.extend_from_slice(b",\"step_command\":");
+            write_json_string(out, &self.step_command);
+        }
+        out.push(b'}');
+    }
+}
+
+fn rfc3339_text<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    let s = String::deserialize(d)?;
+    s.parse::<jiff::Timestamp>()
+        .map_err(|e| serde::de::Error::custom(format!("time {s:?} is not RFC 3339: {e}")))?;
+    Ok(s)
+}
+
+/// Go's `time.Time` JSON form in UTC: RFC 3339 with up to nine fraction digits, trailing zeros
+/// dropped, `Z`.
+pub fn go_time(t: jiff::Timestamp) -> String {
+    // Hand-formatted: this runs once per log line.
+    let dt = jiff::tz::Offset::UTC.to_datetime(t);
+    let mut s = String::with_capacity(30);
+    let year = dt.year();
+    if (0..=9999).contains(&year) {
+        push_digits(&mut s, year as u32, 4);
+    } else {
+        s.push_str(&format!("{year:04}"));
+    }
+    s.push('-');
+    push_digits(&mut s, dt.month() as u32, 2);
+    s.push('-');
+    push_digits(&mut s, dt.day() as u32, 2);
+    s.push('T');
+    push_digits(&mut s, dt.hour() as u32, 2);
+    s.push(':');
+    push_digits(&mut s, dt.minute() as u32, 2);
+    s.push(':');
+    push_digits(&mut s, dt.second() as u32, 2);
+    let mut nanos = t.subsec_nanosecond().unsigned_abs();
+    if t.subsec_nanosecond() < 0 {
+        // Timestamps before the epoch carry a negative fraction; the civil time already
+        // borrowed the second.
+        nanos = 1_000_000_000 - nanos;
+    }
+    if nanos > 0 {
+        let mut digits = 9;
+        while nanos.is_multiple_of(10) {
+            nanos /= 10;
+            digits -= 1;
+        }
+        s.push('.');
+        push_digits(&mut s, nanos, digits);
+    }
+    s.push('Z');
+    s
+}
+
+fn push_digits(s: &mut String, mut v: u32, width: usize) {
+    let mut buf = [b'0'; 10];
+    for i in (0..width).rev() {
+        buf[i] = b'0' + (v % 10) as u8;
+        v /= 10;
+    }
+    for &b in &buf[..width] {
+        s.push(b as char);
+    }
+}
+
+/// Go's zero `time.Time`, as the failed-before-log frames carry it.
+pub const GO_ZERO_TIME: &str = "0001-01-01T00:00:00Z";
+
+const HEX: &[u8; 16] = b"0123456789abcdef";
+
+/// A JSON string as Go escapes it: `"`, `\` and control characters, plus `<`, `>`, `&`, U+2028
+/// and U+2029 as `\uXXXX` (HTML-safe encoding, Go's default).
+pub fn write_json_string(out: &mut Vec<u8>, s: &str) {
+    out.push(b'"');
+    let bytes = s.as_bytes();
+    let mut start = 0;
+    let mut i = 0;
+    while i < bytes.len() {
+        let b = bytes[i];
+        if !NEEDS_ESCAPE[b as usize] {
+            i += 1;
+            continue;
+        }
+        let escape: Option<&[u8]> = match b {
+            b'"' => Some(b"\\\""),
+            b'\\' => Some(b"\\\\"),
+            b'\n' => Some(b"\\n"),
+            b'\r' => Some(b"\\r"),
+            b'\t' => Some(b"\\t"),
+            0x08 => Some(b"\\b"),
+            0x0c => Some(b"\\f"),
+            b'<' => Some(b"\\u003c"),
+            b'>' => Some(b"\\u003e"),
+            b'&' => Some(b"\\u0026"),
+            _ => None,
+        };
+        if let Some(esc) = escape {
+            out.extend_from_slice(&bytes[start..i]);
+            out.extend_from_slice(esc);
+            i += 1;
+            start = i;
+        } else if b < 0x20 {
+            out.extend_from_slice(&bytes[start..i]);
+            out.extend_from_slice(&[
+                b'\\',
+                b'u',
+                b'0',
+                b'0',
+                HEX[(b >> 4) as usize],
+                HEX[(b & 0xf) as usize],
+            ]);
+            i += 1;
+            start = i;
+        } else if b == 0xe2 && i + 2 < bytes.len() && bytes[i + 1] == 0x80 && (bytes[i + 2] & 0xfe) == 0xa8 {
+            // U+2028 LINE SEPARATOR / U+2029 PARAGRAPH SEPARATOR
+            out.extend_from_slice(&bytes[start..i]);
+            out.extend_from_slice(if bytes[i + 2] == 0xa8 { b"\\u2028" } else { b"\\u2029" });
+            i += 3;
+            start = i;
+        } else {
+            i += 1;
+        }
+    }
+    out.extend_from_slice(&bytes[start..]);
+    out.push(b'"');
+}
+
+/// Bytes that may need escaping: controls, `"`, `\`, `<`, `>`, `&`, and 0xe2 (the first byte of
+/// U+2028/U+2029).
+const NEEDS_ESCAPE: [bool; 256] = {
+    let mut t = [false; 256];
+    let mut i = 0;
+    while i < 0x20 {
+        t[i] = true;
+        i += 1;
+    }
+    t[b'"' as usize] = true;
+    t[b'\\' as usize] = true;
+    t[b'<' as usize] = true;
+    t[b'>' as usize] = true;
+    t[b'&' as usize] = true;
+    t[0xe2] = true;
+    t
+};
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fixture(name: &str) -> String {
+        let path = format!("{}/../shared/spec/fixtures/logs/{name}", env!("CARGO_MANIFEST_DIR"));
+        std::fs::read_to_string(path).expect("fixture")
+    }
+
+    #[test]
+    fn fixture_log_round_trips_byte_for_byte() {
+        let text = fixture("knot1.tangled.sh-3m734z2gwll22-test.yml.log");
+        let mut n = 0;
+        for line in text.lines() {
+            let parsed: LogLine = serde_json::from_str(line).expect(line);
+            assert_eq!(parsed.to_json(), line);
+            n += 1;
+        }
+        assert_eq!(n, 14);
+        let frames = fixture("failed-before-log.frames.jsonl");
+        for line in frames.lines() {
+            let parsed: LogLine = serde_json::from_str(line).expect(line);
+            assert_eq!(parsed.to_json(), line);
+        }
+    }
+
+    #[test]
+    fn built_lines_match_the_fixture_shape() {
+        let t: jiff::Timestamp = "2025-12-03T09:22:31.006120934Z".parse().expect("ts");
+        let start = LogLine::control(2, StepStatus::Start, "Test", 1, "go test ./...", t);
+        assert_eq!(
+            start.to_json(),
+            r#"{"kind":"control","content":"Test","time":"2025-12-03T09:22:31.006120934Z","step_id":2,"step_status":"start","step_kind":1,"step_command":"go test ./..."}"#
+        );
+        let t: jiff::Timestamp = "2025-12-03T09:21:53.9021Z".parse().expect("ts");
+        let data = LogLine::data(0, "a <b> & \"c\"\u{2028}\u{1}é", t);
+        assert_eq!(
+            data.to_json(),
+            r#"{"kind":"data","content":"a \u003cb\u003e \u0026 \"c\"\u2028\u0001é","time":"2025-12-03T09:21:53.9021Z","step_id":0,"stream":"stdout"}"#
+        );
+        assert!(
+            LogLine::data(0, "\u{7f}", t).to_json().contains("\"content\":\"\u{7f}\""),
+            "DEL is not escaped"
+        );
+        // System steps have no step_kind key; a whole second has no fraction.
+        let t: jiff::Timestamp = "2025-12-03T09:21:54Z".parse().expect("ts");
+        let end = LogLine::control(0, StepStatus::End, "Clone", 0, "git init", t);
+        assert_eq!(
+            end.to_json(),
+            r#"{"kind":"control","content":"Clone","time":"2025-12-03T09:21:54Z","step_id":0,"step_status":"end","step_command":"git init"}"#
+        );
+    }
+
+    #[test]
+    fn go_time_trims_and_handles_year_one() {
+        let t: jiff::Timestamp = "2025-12-03T09:21:55.310448120Z".parse().expect("ts");
+        assert_eq!(go_time(t), "2025-12-03T09:21:55.31044812Z");
+        let zero: jiff::Timestamp = GO_ZERO_TIME.parse().expect("zero");
+        assert_eq!(go_time(zero), GO_ZERO_TIME);
+        let before_epoch: jiff::Timestamp = "1969-12-31T23:59:59.5Z".parse().expect("ts");
+        assert_eq!(go_time(before_epoch), "1969-12-31T23:59:59.5Z");
+        let t: jiff::Timestamp = "2026-01-02T03:04:05.000000001Z".parse().expect("ts");
+        assert_eq!(go_time(t), "2026-01-02T03:04:05.000000001Z");
+        assert!(
+            serde_json::from_str::<LogLine>(r#"{"kind":"data","content":"","time":"yesterday","step_id":0}"#)
+                .is_err()
+        );
+    }
+}
