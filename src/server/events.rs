@@ -1,11 +1,12 @@
 //! `GET /events`: the status event stream the appview subscribes to (spec §6.2).
 //!
-//! Each connection pulls from the store rather than from an in-memory queue: it pages through
-//! `created > cursor` until nothing is left (fixing B7), then sleeps on the store's tip and pages
-//! again when it moves. Memory per subscriber is therefore one page plus the socket's write buffer,
-//! whatever the backlog. A subscriber whose socket does not accept a frame within `send_timeout`
-//! (it stopped reading, or cannot keep up) gets a close frame 1008 with a reason and is dropped; the
-//! others are not affected because nothing is shared between connections but the store.
+//! Each connection pulls rather than being pushed to: it pages through `created > cursor` until
+//! nothing is left (fixing B7), then sleeps on the store's tip and pages again when it moves. Pages
+//! come from a bounded window of the newest events shared by all subscribers ([`super::recent`]),
+//! or from the store for older cursors, so memory per subscriber is one page plus the socket's
+//! write buffer, whatever the backlog. A subscriber whose socket does not accept a frame within
+//! `send_timeout` (it stopped reading, or cannot keep up) gets a close frame 1008 with a reason and
+//! is dropped; the others never wait for it.
 
 use std::sync::Arc;
 use std::time::Duration;
