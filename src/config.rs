@@ -112,6 +112,8 @@ pub struct Config {
     pub dev_localhost_alias: String,
     /// 32-byte key (base64) for SQLite secrets at rest.
     pub secrets_key: Option<String>,
+    /// File holding that key (`BOBBIN_SECRETS_KEY_FILE`), e.g. a mounted Kubernetes Secret.
+    pub secrets_key_file: Option<PathBuf>,
     pub resource_profiles: Vec<ResourceProfile>,
     pub json_logs: bool,
 }
@@ -327,6 +329,7 @@ impl Config {
             dev_localhost_alias: get("BOBBIN_DEV_LOCALHOST_ALIAS")
                 .unwrap_or_else(|| "host.docker.internal".into()),
             secrets_key: get("BOBBIN_SECRETS_KEY"),
+            secrets_key_file: get("BOBBIN_SECRETS_KEY_FILE").map(PathBuf::from),
             resource_profiles: file.resource_profiles,
             json_logs: match get("BOBBIN_LOG_FORMAT").as_deref() {
                 None | Some("text") => false,

@@ -13,7 +13,6 @@ use std::time::Duration;
 use axum::Router;
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
 use axum::extract::{Path as UrlPath, State};
-use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use futures::{SinkExt, StreamExt};
@@ -54,15 +53,17 @@ pub fn router(state: LogsState) -> Router {
 async fn logs(
     State(state): State<LogsState>,
     UrlPath((knot, rkey, name)): UrlPath<(String, String, String)>,
+    headers: axum::http::HeaderMap,
     ws: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
 ) -> Response {
-    match ws {
+    // gorilla's handshake checks, shared with /events: 400 for a plain request, 403 for a
+    // cross-origin browser request.
+    match crate::server::accept_websocket(ws, &headers) {
         Ok(ws) => {
             let id = WorkflowId::new(knot, rkey, name);
             ws.on_upgrade(move |socket| serve(socket, state, id))
         }
-        // Go (gorilla) answers a request that is not an upgrade with a plain 400.
-        Err(_) => (StatusCode::BAD_REQUEST, "Bad Request\n").into_response(),
+        Err(rejected) => rejected.into_response(),
     }
 }
 

@@ -25,7 +25,7 @@ impl Store {
     pub async fn append_status(&self, record: StatusRecord) -> Result<StoredEvent> {
         let rkey = self.inner.tids.next();
         let stored = self.call(move |conn| insert(conn, &rkey, &record)).await?;
-        self.inner.events_tip.send_replace(stored.created);
+        self.advance_tip(stored.created);
         Ok(stored)
     }
 
@@ -47,7 +47,7 @@ impl Store {
             })
             .await?;
         if let Some(s) = &stored {
-            self.inner.events_tip.send_replace(s.created);
+            self.advance_tip(s.created);
         }
         Ok(stored)
     }
@@ -74,6 +74,18 @@ impl Store {
     pub async fn latest_status(&self, id: &WorkflowId) -> Result<Option<StatusRecord>> {
         let (pipeline, workflow) = (id.pipeline_uri(), id.name.clone());
         self.call(move |conn| latest_in(conn, &pipeline, &workflow)).await
+    }
+
+    /// Raise the tip to `created`, never lower it: two appends finishing in the opposite order of
+    /// their commits must not leave the tip below an event that exists.
+    pub(super) fn advance_tip(&self, created: i64) {
+        self.inner.events_tip.send_if_modified(|tip| {
+            let newer = created > *tip;
+            if newer {
+                *tip = created;
+            }
+            newer
+        });
     }
 
     /// `created` of the newest event; changes whenever an event is appended.

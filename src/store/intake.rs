@@ -366,7 +366,7 @@ impl Store {
             })
             .await?;
         if let Some(s) = &stored {
-            self.inner.events_tip.send_replace(s.created);
+            self.advance_tip(s.created);
         }
         Ok(stored)
     }

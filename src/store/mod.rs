@@ -9,6 +9,8 @@ pub mod events;
 pub mod intake;
 pub mod log_positions;
 pub mod migrations;
+pub mod permissions;
+pub mod secrets;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
