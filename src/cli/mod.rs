@@ -5,6 +5,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 pub mod render;
+pub mod serve;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -23,6 +24,9 @@ pub enum Command {
     Crds,
     /// Print the Tekton PipelineRun(s) for a knot event or a workflow file (for `kubectl apply -f -`).
     Render(Box<render::RenderArgs>),
+    /// Run the spindle: HTTP server, intake, controller and log followers (configured by
+    /// `SPINDLE_*`/`BOBBIN_*` variables and `BOBBIN_CONFIG`).
+    Serve,
 }
 
 /// Run one command. Errors are printed here; the exit code says what kind of failure it was
@@ -40,5 +44,6 @@ pub async fn run(cli: Cli) -> ExitCode {
             }
         },
         Command::Render(args) => render::run(&args),
+        Command::Serve => serve::run().await,
     }
 }
