@@ -275,3 +275,26 @@ mod tests {
         assert_eq!(TriggerSpec::from_metadata(&bad).expect_err("kind"), "unknown trigger kind: merge");
     }
 }
+
+#[cfg(test)]
+mod example_tests {
+    use super::*;
+
+    /// The README's hand-made WorkflowRun parses into the type and translates into a PipelineRun.
+    #[test]
+    fn the_example_workflowrun_is_valid() {
+        let path = format!("{}/examples/workflowrun.yaml", env!("CARGO_MANIFEST_DIR"));
+        let text = std::fs::read_to_string(&path).expect("example exists");
+        let run: WorkflowRun = crate::yaml::from_str(&text).expect("example parses as a WorkflowRun");
+        assert_eq!(run.spec.steps.len(), 2);
+        assert_eq!(run.spec.trigger.kind, TriggerKind::Manual);
+        let settings = crate::tekton::translate::TranslateSettings::from(&crate::config::Config::for_tests());
+        let input = crate::tekton::translate::TranslateInput { run: &run, secret_keys: &[], queued: false };
+        let pr = crate::tekton::translate::translate(&input, &settings).expect("translates");
+        let tasks = pr.spec.pipeline_spec.expect("embedded pipeline").tasks;
+        assert_eq!(
+            tasks.iter().map(|t| t.name.as_str()).collect::<Vec<_>>(),
+            ["setup", "step-1-greet", "step-2-fail-on-purpose"]
+        );
+    }
+}
