@@ -210,6 +210,32 @@ fn the_deployment_is_locked_down_and_its_settings_load() {
     )
     .expect("the manifests' settings load");
     assert_eq!(config.db_path.parent(), config.log_dir.parent(), "db and logs share the volume");
+    // The sqlite secrets provider refuses to start without BOBBIN_SECRETS_KEY, so the key's
+    // secretKeyRef must not be optional: a missing Secret then stops the pod before it starts,
+    // saying which Secret, instead of a crash loop.
+    if config.secrets_provider == crate::config::SecretsProvider::Sqlite {
+        let key_ref = c
+            .env
+            .iter()
+            .flatten()
+            .find(|e| e.name == "BOBBIN_SECRETS_KEY")
+            .and_then(|e| e.value_from.as_ref()?.secret_key_ref.clone())
+            .expect("the sqlite provider needs BOBBIN_SECRETS_KEY from a Secret");
+        assert_ne!(key_ref.optional, Some(true), "BOBBIN_SECRETS_KEY must not be optional with sqlite");
+        let mut with_key = env.clone();
+        with_key.insert("BOBBIN_SECRETS_KEY".into(), "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=".into());
+        let config = crate::config::Config::load(
+            |k| if k == "BOBBIN_NAMESPACE" { Some("bobbin".into()) } else { with_key.get(k).cloned() },
+            |_| Ok(file.clone()),
+        )
+        .expect("settings with the key");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = crate::store::Store::open(dir.path().join("s.db")).expect("store");
+        assert!(
+            crate::secrets::from_config(&config, store, None, "bobbin").is_ok(),
+            "the manifests' secrets provider starts once the key Secret exists"
+        );
+    }
     let mounts: Vec<&str> = c.volume_mounts.iter().flatten().map(|m| m.mount_path.as_str()).collect();
     assert!(mounts.iter().any(|m| config.db_path.starts_with(m)), "the database is on a mounted volume");
 }
