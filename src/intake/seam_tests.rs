@@ -3,7 +3,8 @@
 //! server stores them, must translate in both layouts into PipelineRuns that pass the Tekton v1
 //! schema and Tekton's semantic rules, and every name the other areas derive from them (PipelineRun,
 //! per-run Secret, `secretKeyRef`s, the follower's Secret and log file, the controller's watch
-//! selector) must agree. Each area tests its own half; this is the only place both halves meet.
+//! selector, the status lookup) must agree. Each area tests its own half; this is the only place
+//! both halves meet.
 
 use std::sync::Arc;
 
@@ -100,6 +101,10 @@ async fn intake_runs_translate_to_valid_pipeline_runs_whose_names_every_area_agr
             assert_eq!(seen.body["apiVersion"], WorkflowRun::api_version(&()).as_ref(), "{what}");
             let name = run.metadata.name.clone().expect("name");
             let id = run.workflow_id();
+            // The controller (and /logs) look the run's statuses up by the id of its spec: they
+            // must find the `pending` intake appended, or tangled would hear `pending` twice.
+            let latest = store.latest_status(&id).await.expect("store").map(|r| r.status);
+            assert_eq!(latest, Some(crate::model::StatusKind::Pending), "{what}: {id}");
 
             // Names: WorkflowRun = PipelineRun, and one per-run Secret name everywhere.
             assert_eq!(name, naming::run_name(&id), "{what}");
