@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
-# Real-cluster tests (`#[ignore = "needs a cluster with Tekton"]`): run them against KUBECONFIG.
+# Real-cluster tests: every `#[ignore = "needs a cluster with Tekton"]` test of every target
+# (`cargo test -- --ignored`), against KUBECONFIG.
 #
 # Needs: a cluster with Tekton Pipelines and a default StorageClass (kind, k3d and minikube all
 # have one), kubectl, cargo. INSTALL_TEKTON=1 installs the latest Tekton Pipelines release first.
-# The tests create and delete their own namespace and apply crds/workflowrun.yaml.
+# This script installs the WorkflowRun CRD (manifests/crds/workflowrun.yaml), creates a fresh
+# namespace for the run (passed to the tests as BOBBIN_E2E_NAMESPACE) and deletes it on exit,
+# whatever the outcome. Extra arguments go to the test binaries (e.g. a test name filter).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -26,5 +29,23 @@ if ! kubectl get storageclass -o jsonpath='{.items[?(@.metadata.annotations.stor
   echo "warning: no default StorageClass; per-step workspaces (PVCs) will stay Pending" >&2
 fi
 
+# The CRD as committed (a unit test keeps this copy identical to what the build generates).
+kubectl apply --server-side --force-conflicts --field-manager=bobbin-e2e -f manifests/crds/workflowrun.yaml
+kubectl wait --for=condition=Established crd/workflowruns.bobbin.dev --timeout=60s
+
+BOBBIN_E2E_NAMESPACE="bobbin-e2e-$(head -c3 /dev/urandom | od -An -tx1 | tr -d ' \n')"
+export BOBBIN_E2E_NAMESPACE
+cleanup() {
+  # bobbin is stopped by now: drop its finalizers, or the namespace would never terminate.
+  for run in $(kubectl -n "$BOBBIN_E2E_NAMESPACE" get workflowruns -o name 2>/dev/null); do
+    kubectl -n "$BOBBIN_E2E_NAMESPACE" patch "$run" --type=merge -p '{"metadata":{"finalizers":null}}' >/dev/null || true
+  done
+  kubectl delete namespace "$BOBBIN_E2E_NAMESPACE" --wait=false --ignore-not-found >/dev/null || true
+}
+trap cleanup EXIT
+kubectl create namespace "$BOBBIN_E2E_NAMESPACE"
+
 cargo build --bin bobbin
-cargo test --test e2e -- --ignored --nocapture --test-threads=1 "$@"
+# Every ignored test of every target: tests/e2e.rs (serve on Tekton) and tests/cli.rs
+# (`kubectl apply --dry-run=server` of rendered PipelineRuns), one at a time.
+cargo test -- --ignored --nocapture --test-threads=1 "$@"

@@ -199,6 +199,38 @@ async fn failed_before_log_sends_go_frames_inside_a_visible_step() {
     assert_eq!((code, reason.as_str()), (1000, "log stream complete"));
 }
 
+/// The follower creates the log file as soon as the run starts; a run the controller then fails
+/// before any step wrote a line (fail-fast on an image that cannot be pulled) leaves it empty. That
+/// is still "no log": the viewer must get the error frames, live or after the end, not nothing.
+#[tokio::test]
+async fn failed_with_only_an_empty_log_file_still_shows_the_error() {
+    const ERROR: &str = "image docker.io/library/nope:1 cannot be pulled: ErrImagePull";
+    let s = server(64, Duration::from_secs(30)).await;
+    let key = id().log_file_name();
+    set_status(&s, StatusKind::Running).await;
+    let file = LogFile::open(&s.dir.join(&key), 0).expect("the follower opens the file");
+    let mut writer = RunLog::new(file, s.hub.clone(), key.clone());
+    s.hub.writer_active(&key);
+    let mut live = connect(&s, &id()).await;
+
+    let failed = StatusRecord::new(&id(), StatusKind::Failed, jiff::Timestamp::now()).with_error(ERROR, -1);
+    s.store.append_status(failed).await.expect("status");
+    writer.flush().expect("flush");
+    s.hub.writer_done(&key);
+    assert_eq!(std::fs::metadata(s.dir.join(&key)).expect("file").len(), 0, "nothing was written");
+
+    let mut after = connect(&s, &id()).await;
+    for ws in [&mut live, &mut after] {
+        let (texts, code, reason) = read_all(ws).await;
+        assert_eq!(texts.len(), 4, "{texts:#?}");
+        let data: serde_json::Value = serde_json::from_str(&texts[2]).expect("json");
+        assert_eq!((data["kind"].as_str(), data["content"].as_str()), (Some("data"), Some(ERROR)));
+        let start: serde_json::Value = serde_json::from_str(&texts[0]).expect("json");
+        assert_eq!(start["step_status"], "start");
+        assert_eq!((code, reason.as_str()), (1000, "log stream complete"));
+    }
+}
+
 #[tokio::test]
 async fn unknown_workflow_sends_nothing_and_closes() {
     let s = server(64, Duration::from_secs(30)).await;

@@ -23,6 +23,8 @@ pub mod pipeline;
 pub mod ws;
 
 #[cfg(test)]
+mod seam_tests;
+#[cfg(test)]
 mod testkit;
 
 pub use atproto_source::AtprotoCollaborators;

@@ -206,10 +206,14 @@ async fn stream_inner(out: &mut Out<'_>, state: &LogsState, id: &WorkflowId) -> 
     }
 }
 
+/// Go's condition for the error frames (failed with an error, no log file), where an empty file
+/// counts as none: the follower creates the file when the run starts, so a run failed before any
+/// step wrote a line (an image that cannot be pulled, a pod that cannot be scheduled) has an empty
+/// file, and without this its error would never reach the appview.
 async fn failed_before_log(status: &StatusRecord, path: &Path) -> bool {
     status.status == StatusKind::Failed
         && status.error.is_some()
-        && !tokio::fs::try_exists(path).await.unwrap_or(false)
+        && !tokio::fs::metadata(path).await.is_ok_and(|m| m.len() > 0)
 }
 
 /// Go's two frames for a workflow that failed before it had a log, bracketed by a real `start`

@@ -1,9 +1,9 @@
 //! Tekton: the API types bobbin uses and the translation of a WorkflowRun into a PipelineRun.
 
 #[cfg(test)]
-mod golden;
+pub(crate) mod golden;
 #[cfg(test)]
-mod schema_check;
+pub(crate) mod schema_check;
 pub mod secret;
 pub mod shell;
 pub mod system_tasks;
