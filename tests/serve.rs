@@ -196,10 +196,11 @@ async fn invalid_configuration_exits_2_naming_the_variable() {
 }
 
 #[tokio::test]
-async fn a_missing_secrets_key_and_a_cluster_without_tekton_are_startup_errors() {
+async fn a_missing_secrets_key_and_a_cluster_without_tekton_stop_serve_with_clear_errors() {
     let env = setup(true).await;
     let (code, stderr) = finish(spawn(&env, &[("BOBBIN_SECRETS_KEY", "")])).await;
-    assert_eq!(code, Some(1), "{stderr}");
+    assert_eq!(code, Some(2), "a missing key is a configuration error: {stderr}");
+    assert!(env.cluster.lock().expect("lock").requests.is_empty(), "stopped before calling the cluster");
     assert!(stderr.contains("BOBBIN_SECRETS_KEY"), "{stderr}");
 
     let env = setup(false).await;

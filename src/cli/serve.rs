@@ -16,7 +16,7 @@ use anyhow::Context as _;
 use prometheus_client::registry::Registry;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::Config;
+use crate::config::{Config, SecretsProvider};
 use crate::plan::PlanSettings;
 use crate::secrets::SecretValues;
 use crate::{atproto, auth, controller, intake, logs, server, store::Store};
@@ -24,7 +24,8 @@ use crate::{atproto, auth, controller, intake, logs, server, store::Store};
 /// How often old log files are looked for (`BOBBIN_LOG_RETENTION` decides which).
 const RETENTION_SWEEP: Duration = Duration::from_secs(3600);
 
-/// Run the spindle. Configuration errors exit 2 before anything starts; runtime failures exit 1.
+/// Run the spindle. Configuration errors (including a missing secrets key) exit 2 before anything
+/// starts; runtime failures exit 1.
 pub async fn run() -> ExitCode {
     let config = match Config::from_env() {
         Ok(config) => config,
@@ -33,6 +34,13 @@ pub async fn run() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    // The sqlite provider's key is configuration too: check it before touching disk or cluster.
+    if config.secrets_provider == SecretsProvider::Sqlite
+        && let Err(e) = crate::secrets::sqlite::SecretsKey::from_config(&config)
+    {
+        eprintln!("error: invalid configuration: {e}");
+        return ExitCode::from(2);
+    }
     crate::telemetry::init(config.json_logs);
     match serve(config).await {
         Ok(()) => ExitCode::SUCCESS,
