@@ -3,11 +3,39 @@
 
 use std::collections::BTreeMap;
 
+use jiff::Timestamp;
 use k8s_openapi::api::core::v1::Pod;
 
+use crate::crd::WorkflowRun;
+use crate::model::{StatusFrame, StatusKind, StatusRecord};
+use crate::store::Store;
 use crate::tekton::{PipelineRun, TaskRun};
 
 pub use crate::testkit::NAMESPACE;
+
+/// The store has already seen `statuses` for `run`, in order (e.g. intake's `pending`).
+pub async fn already_reported(store: &Store, run: &WorkflowRun, statuses: &[StatusKind]) {
+    for &status in statuses {
+        store
+            .append_status(StatusRecord::new(&run.workflow_id(), status, Timestamp::now()))
+            .await
+            .unwrap_or_else(|e| panic!("append {status:?}: {e}"));
+    }
+}
+
+/// What tangled saw: (status, error, exitCode) of every status event in the store.
+pub async fn reported(store: &Store) -> Vec<(StatusKind, Option<String>, Option<i64>)> {
+    store
+        .events_after(0, 100)
+        .await
+        .expect("events")
+        .into_iter()
+        .map(|e| {
+            let f: StatusFrame = serde_json::from_str(&e.frame).expect("frame");
+            (f.event.status, f.event.error, f.event.exit_code)
+        })
+        .collect()
+}
 
 /// One recorded watch event.
 #[derive(Debug, Clone)]

@@ -654,7 +654,7 @@ fn creation(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::controller::fixtures::{ClusterState, Recorded, watch_sequence};
+    use crate::controller::fixtures::{ClusterState, Recorded, already_reported, reported, watch_sequence};
     use crate::crd::StepKind;
     use crate::store::Store;
 
@@ -675,10 +675,7 @@ mod tests {
         let mut store = Store::open(&path).expect("open");
         let id = run.workflow_id();
         // Intake reported `pending` when it created the WorkflowRun.
-        store
-            .append_status(StatusRecord::new(&id, StatusKind::Pending, Timestamp::now()))
-            .await
-            .expect("pending");
+        already_reported(&store, &run, &[StatusKind::Pending]).await;
 
         let events = watch_sequence(scenario);
         let created = events
@@ -722,17 +719,7 @@ mod tests {
             previous_status = run.status.clone();
             run.status = Some(mapped.status);
         }
-        let seen = store
-            .events_after(0, 100)
-            .await
-            .expect("events")
-            .into_iter()
-            .map(|e| {
-                let f: crate::model::StatusFrame = serde_json::from_str(&e.frame).expect("frame");
-                (f.event.status, f.event.error, f.event.exit_code)
-            })
-            .collect();
-        (seen, run.status.expect("status"))
+        (reported(&store).await, run.status.expect("status"))
     }
 
     fn phases(status: &WorkflowRunStatus) -> Vec<(&str, StepKind, StepPhase, Option<i64>)> {
