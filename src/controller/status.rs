@@ -766,28 +766,30 @@ mod tests {
         .await;
     }
 
+    /// What tangled sees when `boom` of build, boom, never exits with `code`.
+    fn boom_failed(code: i64) -> Seen {
+        vec![(Pending, None, None), (Running, None, None), (Failed, Some(WORKFLOW_FAILED.into()), Some(code))]
+    }
+
+    /// The steps after `boom` exited with `code`: build ran, never was skipped.
+    fn boom_failed_steps(code: i64) -> [(&'static str, StepKind, StepPhase, Option<i64>); 4] {
+        [
+            (crate::plan::CLONE_STEP_NAME, StepKind::System, StepPhase::Succeeded, Some(0)),
+            ("build", StepKind::User, StepPhase::Succeeded, Some(0)),
+            ("boom", StepKind::User, StepPhase::Failed, Some(code)),
+            ("never", StepKind::User, StepPhase::Skipped, None),
+        ]
+    }
+
     #[tokio::test]
     async fn per_step_fail_reports_the_real_exit_code_and_skips_the_rest() {
         let run = WorkflowRun::test("wf").with_steps(&["build", "boom", "never"]);
-        let want = vec![
-            (Pending, None, None),
-            (Running, None, None),
-            (Failed, Some(WORKFLOW_FAILED.into()), Some(3)),
-        ];
-        check("per-step-fail", run, &want, |s| {
+        check("per-step-fail", run, &boom_failed(3), |s| {
             assert_eq!(
                 (s.phase, s.exit_code, s.message.as_deref()),
                 (Some(Failed), Some(3), Some(WORKFLOW_FAILED))
             );
-            assert_eq!(
-                phases(s),
-                [
-                    (crate::plan::CLONE_STEP_NAME, StepKind::System, StepPhase::Succeeded, Some(0)),
-                    ("build", StepKind::User, StepPhase::Succeeded, Some(0)),
-                    ("boom", StepKind::User, StepPhase::Failed, Some(3)),
-                    ("never", StepKind::User, StepPhase::Skipped, None),
-                ]
-            );
+            assert_eq!(phases(s), boom_failed_steps(3));
         })
         .await;
     }
@@ -839,21 +841,8 @@ mod tests {
     #[tokio::test]
     async fn packed_fail_reads_tekton_steps() {
         let run = WorkflowRun::test("wf").with_steps(&["build", "boom", "never"]);
-        let want = vec![
-            (Pending, None, None),
-            (Running, None, None),
-            (Failed, Some(WORKFLOW_FAILED.into()), Some(4)),
-        ];
-        check("packed-fail", run, &want, |s| {
-            assert_eq!(
-                phases(s),
-                [
-                    (crate::plan::CLONE_STEP_NAME, StepKind::System, StepPhase::Succeeded, Some(0)),
-                    ("build", StepKind::User, StepPhase::Succeeded, Some(0)),
-                    ("boom", StepKind::User, StepPhase::Failed, Some(4)),
-                    ("never", StepKind::User, StepPhase::Skipped, None),
-                ]
-            );
+        check("packed-fail", run, &boom_failed(4), |s| {
+            assert_eq!(phases(s), boom_failed_steps(4));
         })
         .await;
     }
@@ -906,6 +895,15 @@ mod tests {
         let kinds: Vec<_> = m.records.iter().map(|r| r.status).collect();
         assert_eq!(kinds, [Pending, Running, Success]);
         assert!(m.records.iter().all(|r| r.workflow == "test.yml"));
+    }
+
+    /// The TaskRun of user step `step` in a recorded state.
+    fn task_run_of<'a>(state: &'a mut ClusterState, step: &str) -> &'a mut crate::tekton::TaskRun {
+        state
+            .task_runs
+            .values_mut()
+            .find(|t| t.metadata.name.as_deref().is_some_and(|n| n.ends_with(step)))
+            .expect("the step's TaskRun")
     }
 
     /// Find the first pod of a scenario and make its step container wait with `reason`.
@@ -1009,11 +1007,7 @@ mod tests {
         let run = WorkflowRun::test("wf").with_steps(&["build", "boom", "never"]);
         let all = watch_sequence("per-step-fail").len();
         let mut state = state_after("per-step-fail", all);
-        let boom = state
-            .task_runs
-            .values_mut()
-            .find(|t| t.metadata.name.as_deref().is_some_and(|n| n.ends_with("boom")))
-            .expect("boom");
+        let boom = task_run_of(&mut state, "boom");
         let step = &mut boom.status.as_mut().expect("status").steps[0];
         step.termination_reason = Some("OOMKilled".into());
         step.terminated.as_mut().expect("terminated").exit_code = 137;
@@ -1036,11 +1030,7 @@ mod tests {
         let run = WorkflowRun::test("wf").with_steps(&["build", "boom", "never"]);
         let all = watch_sequence("per-step-fail").len();
         let mut state = state_after("per-step-fail", all);
-        let boom = state
-            .task_runs
-            .values_mut()
-            .find(|t| t.metadata.name.as_deref().is_some_and(|n| n.ends_with("boom")))
-            .expect("boom");
+        let boom = task_run_of(&mut state, "boom");
         let status = boom.status.as_mut().expect("status");
         status.steps.clear();
         status.conditions[0].reason = Some("TaskRunImagePullFailed".into());
