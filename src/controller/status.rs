@@ -744,26 +744,26 @@ mod tests {
     #[tokio::test]
     async fn per_step_success() {
         let run = WorkflowRun::test("wf").with_steps(&["build", "test"]);
-        check(
-            "per-step-success",
-            run,
-            &vec![(Pending, None, None), (Running, None, None), (Success, None, None)],
-            |s| {
-                assert_eq!(s.phase, Some(Success));
-                assert_eq!(s.exit_code, None);
-                assert!(s.start_time.is_some() && s.completion_time.is_some());
-                assert_eq!(
-                    phases(s),
-                    [
-                        (crate::plan::CLONE_STEP_NAME, StepKind::System, StepPhase::Succeeded, Some(0)),
-                        ("build", StepKind::User, StepPhase::Succeeded, Some(0)),
-                        ("test", StepKind::User, StepPhase::Succeeded, Some(0)),
-                    ]
-                );
-                assert!(s.steps.iter().all(|st| st.start_time.is_some() && st.finish_time.is_some()));
-            },
-        )
+        check("per-step-success", run, &ran_then(Success), |s| {
+            assert_eq!(s.phase, Some(Success));
+            assert_eq!(s.exit_code, None);
+            assert!(s.start_time.is_some() && s.completion_time.is_some());
+            assert_eq!(
+                phases(s),
+                [
+                    (crate::plan::CLONE_STEP_NAME, StepKind::System, StepPhase::Succeeded, Some(0)),
+                    ("build", StepKind::User, StepPhase::Succeeded, Some(0)),
+                    ("test", StepKind::User, StepPhase::Succeeded, Some(0)),
+                ]
+            );
+            assert!(s.steps.iter().all(|st| st.start_time.is_some() && st.finish_time.is_some()));
+        })
         .await;
+    }
+
+    /// What tangled sees of a run that ran and ended `last`, with no error or exit code.
+    fn ran_then(last: StatusKind) -> Seen {
+        vec![(Pending, None, None), (Running, None, None), (last, None, None)]
     }
 
     /// What tangled sees when `boom` of build, boom, never exits with `code`.
@@ -797,44 +797,29 @@ mod tests {
     #[tokio::test]
     async fn per_step_timeout_is_timeout_without_error() {
         let run = WorkflowRun::test("wf").with_steps(&["slow"]);
-        check(
-            "per-step-timeout",
-            run,
-            &vec![(Pending, None, None), (Running, None, None), (Timeout, None, None)],
-            |s| {
-                assert_eq!((s.phase, s.exit_code), (Some(Timeout), None));
-                assert_eq!(phases(s)[1], ("slow", StepKind::User, StepPhase::Failed, None));
-            },
-        )
+        check("per-step-timeout", run, &ran_then(Timeout), |s| {
+            assert_eq!((s.phase, s.exit_code), (Some(Timeout), None));
+            assert_eq!(phases(s)[1], ("slow", StepKind::User, StepPhase::Failed, None));
+        })
         .await;
     }
 
     #[tokio::test]
     async fn per_step_cancel_is_cancelled() {
         let run = WorkflowRun::test("wf").with_steps(&["slow"]);
-        check(
-            "per-step-cancel",
-            run,
-            &vec![(Pending, None, None), (Running, None, None), (Cancelled, None, None)],
-            |s| {
-                assert_eq!((s.phase, s.exit_code), (Some(Cancelled), None));
-                assert_eq!(phases(s)[0].2, StepPhase::Succeeded);
-            },
-        )
+        check("per-step-cancel", run, &ran_then(Cancelled), |s| {
+            assert_eq!((s.phase, s.exit_code), (Some(Cancelled), None));
+            assert_eq!(phases(s)[0].2, StepPhase::Succeeded);
+        })
         .await;
     }
 
     #[tokio::test]
     async fn per_step_pending_waits_then_runs() {
         let run = WorkflowRun::test("wf").with_steps(&["quick"]);
-        check(
-            "per-step-pending",
-            run,
-            &vec![(Pending, None, None), (Running, None, None), (Success, None, None)],
-            |s| {
-                assert_eq!(s.phase, Some(Success));
-            },
-        )
+        check("per-step-pending", run, &ran_then(Success), |s| {
+            assert_eq!(s.phase, Some(Success));
+        })
         .await;
     }
 
