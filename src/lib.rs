@@ -28,4 +28,6 @@ pub mod server;
 pub mod store;
 pub mod tekton;
 pub mod telemetry;
+#[cfg(test)]
+pub(crate) mod testkit;
 pub mod yaml;

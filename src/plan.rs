@@ -324,62 +324,18 @@ pub fn clone_command(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::pipeline::{PushTrigger, TriggerRepo};
-    use crate::model::{CloneOptions, Step};
+    use crate::model::CloneOptions;
 
-    fn settings() -> PlanSettings {
-        PlanSettings {
-            nixery: "nixery.tangled.sh".into(),
-            dev: false,
-            dev_localhost_alias: "host.docker.internal".into(),
-            default_architecture: None,
-        }
-    }
-
-    fn push_trigger() -> TriggerSpec {
-        TriggerSpec {
-            kind: TriggerKind::Push,
-            repo: TriggerRepo {
-                knot: "knot1.tangled.sh".into(),
-                did: "did:plc:rjnvgfygwwqc5hyfsxmecosf".into(),
-                repo: "hello-spindle".into(),
-                default_branch: String::new(),
-            },
-            push: Some(PushTrigger {
-                ref_: "refs/heads/main".into(),
-                new_sha: "356a192b7913b04c54574d18c28d46e6395428ab".into(),
-                old_sha: "b6589fc6ab0dc82cf12099d1c2d40ab994e8410c".into(),
-            }),
-            pull_request: None,
-            manual: None,
-        }
-    }
-
+    /// The spec the fixture log came from: two Go steps in the Go image.
     fn spec(engine: Engine) -> WorkflowRunSpec {
-        WorkflowRunSpec {
-            knot: "knot1.tangled.sh".into(),
-            pipeline_rkey: "3m734z2gwll22".into(),
-            workflow: "test.yml".into(),
-            trigger: push_trigger(),
-            engine,
-            image: Some("golang:1.25-bookworm".into()),
-            architecture: None,
-            clone: CloneOptions::default(),
-            dependencies: BTreeMap::new(),
-            environment: BTreeMap::new(),
-            steps: vec![
-                Step { name: "Build".into(), command: "go build ./...".into(), environment: BTreeMap::new() },
-                Step { name: "Test".into(), command: "go test ./...".into(), environment: BTreeMap::new() },
-            ],
-            timeout: None,
-            secret_name: None,
-            cancel: false,
-        }
+        WorkflowRunSpec::test(engine)
+            .with_image("golang:1.25-bookworm")
+            .with_commands(&[("Build", "go build ./..."), ("Test", "go test ./...")])
     }
 
     #[test]
     fn image_engine_logs_clone_then_user_steps_like_the_fixture() {
-        let plan = plan(&spec(Engine::Kubernetes), &settings()).expect("plan");
+        let plan = plan(&spec(Engine::Kubernetes), &PlanSettings::test()).expect("plan");
         let logged: Vec<_> =
             plan.logged().map(|s| (s.log_id, s.name.as_str(), s.kind, s.task.as_str())).collect();
         assert_eq!(
@@ -406,7 +362,7 @@ mod tests {
             ("git+https://tangled.org/@example.com/my_pkg".to_owned(), vec!["my_pkg".to_owned()]),
         ]
         .into();
-        let plan = plan(&s, &settings()).expect("plan");
+        let plan = plan(&s, &PlanSettings::test()).expect("plan");
         assert_eq!(plan.image, "nixery.tangled.sh/go/gnumake/bash/git/coreutils/nix");
         let names: Vec<_> = plan.logged().map(|s| s.name.as_str()).collect();
         assert_eq!(
@@ -435,20 +391,20 @@ mod tests {
     fn clone_variants() {
         let mut s = spec(Engine::Kubernetes);
         s.clone = CloneOptions { skip: false, depth: 50, submodules: true };
-        let cmd = clone_command(&s.trigger, s.clone, &settings()).expect("ok");
+        let cmd = clone_command(&s.trigger, s.clone, &PlanSettings::test()).expect("ok");
         assert!(cmd.contains("git fetch --depth=50 --recurse-submodules=yes origin 356a"), "{cmd}");
         assert!(cmd.ends_with("git submodule update --init --recursive --depth=50"), "{cmd}");
 
         s.trigger.kind = TriggerKind::Manual;
-        let cmd = clone_command(&s.trigger, CloneOptions::default(), &settings()).expect("ok");
+        let cmd = clone_command(&s.trigger, CloneOptions::default(), &PlanSettings::test()).expect("ok");
         assert!(cmd.contains("git fetch --depth=1 origin\n"), "{cmd}");
 
         s.trigger.kind = TriggerKind::PullRequest;
         assert_eq!(
-            clone_command(&s.trigger, CloneOptions::default(), &settings()),
+            clone_command(&s.trigger, CloneOptions::default(), &PlanSettings::test()),
             Err("pull request trigger metadata is nil".into())
         );
-        let p = plan(&s, &settings()).expect("plan");
+        let p = plan(&s, &PlanSettings::test()).expect("plan");
         assert_eq!(p.steps[1].name, "Clone repository into workspace (error)");
         assert_eq!(
             p.steps[1].command,
@@ -456,11 +412,11 @@ mod tests {
         );
 
         s.clone.skip = true;
-        let p = plan(&s, &settings()).expect("plan");
+        let p = plan(&s, &PlanSettings::test()).expect("plan");
         assert!(p.steps.iter().all(|st| st.role != StepRole::Clone));
         assert_eq!(p.logged().next().map(|st| st.name.as_str()), Some("Build"));
 
-        let dev = PlanSettings { dev: true, ..settings() };
+        let dev = PlanSettings { dev: true, ..PlanSettings::test() };
         s.trigger.repo.knot = "localhost:3000".into();
         assert_eq!(
             clone_url(&s.trigger, &dev),
@@ -474,6 +430,8 @@ mod tests {
         assert_eq!(user_task_name(11, "!!!"), "step-12");
         let long = user_task_name(2, &"Lint and build everything ".repeat(5));
         assert!(naming::is_dns1123_label(&long) && long.len() <= 40, "{long}");
-        assert!(plan(&WorkflowRunSpec { image: None, ..spec(Engine::Docker) }, &settings()).is_err());
+        assert!(
+            plan(&WorkflowRunSpec { image: None, ..spec(Engine::Docker) }, &PlanSettings::test()).is_err()
+        );
     }
 }

@@ -150,6 +150,9 @@ fn bad_files_and_flags_exit_2() {
     std::fs::write(&bad_json, "{\"rkey\": ").expect("write");
     let good = shared("spec/fixtures/workflows/simple-image.yml");
     let good = good.to_str().expect("utf-8");
+    // A complete `--workflow-file` invocation but for the sha, then `extra`.
+    let file_args = ["render", "--workflow-file", good, "--repo", "did:plc:a/r", "--knot", "k"];
+    let with = |extra: &[&'static str]| -> Vec<&str> { file_args.iter().chain(extra).copied().collect() };
     let cases: Vec<(Vec<&str>, &str)> = vec![
         (vec!["render", "--event", missing.to_str().expect("utf-8")], "cannot read"),
         (vec!["render", "--event", bad_json.to_str().expect("utf-8")], "malformed knot event"),
@@ -158,58 +161,10 @@ fn bad_files_and_flags_exit_2() {
             vec!["render", "--workflow-file", good, "--repo", "hello", "--knot", "k", "--sha", "abc"],
             "use DID/NAME",
         ),
-        (
-            vec!["render", "--workflow-file", good, "--repo", "did:plc:a/r", "--knot", "k"],
-            "--sha is required",
-        ),
-        (
-            vec![
-                "render",
-                "--workflow-file",
-                good,
-                "--repo",
-                "did:plc:a/r",
-                "--knot",
-                "k",
-                "--sha",
-                "a",
-                "--layout",
-                "stacked",
-            ],
-            "per-step or packed",
-        ),
-        (
-            vec![
-                "render",
-                "--workflow-file",
-                good,
-                "--repo",
-                "did:plc:a/r",
-                "--knot",
-                "k",
-                "--sha",
-                "a",
-                "--trigger",
-                "merge",
-            ],
-            "push, pull_request or manual",
-        ),
-        (
-            vec![
-                "render",
-                "--workflow-file",
-                good,
-                "--repo",
-                "did:plc:a/r",
-                "--knot",
-                "k",
-                "--sha",
-                "a",
-                "--namespace",
-                "Bad_NS",
-            ],
-            "not a valid namespace",
-        ),
+        (with(&[]), "--sha is required"),
+        (with(&["--sha", "a", "--layout", "stacked"]), "per-step or packed"),
+        (with(&["--sha", "a", "--trigger", "merge"]), "push, pull_request or manual"),
+        (with(&["--sha", "a", "--namespace", "Bad_NS"]), "not a valid namespace"),
         (vec!["render"], "required"),
     ];
     for (args, want) in cases {
@@ -219,17 +174,7 @@ fn bad_files_and_flags_exit_2() {
         assert!(err.contains(want), "{args:?}: {err:?} should contain {want:?}");
     }
     // A manual trigger needs no sha.
-    let (code, _, err) = bobbin(&[
-        "render",
-        "--workflow-file",
-        good,
-        "--repo",
-        "did:plc:a/r",
-        "--knot",
-        "k",
-        "--trigger",
-        "manual",
-    ]);
+    let (code, _, err) = bobbin(&with(&["--trigger", "manual"]));
     assert_eq!(code, 0, "{err}");
 }
 

@@ -1,105 +1,40 @@
-//! Test fixtures: builders on the real types and the recorded Tekton watch sequences.
+//! Test fixtures: the recorded Tekton watch sequences (the builders on the types are in
+//! [`crate::testkit`]).
 
 use std::collections::BTreeMap;
 
+use jiff::Timestamp;
 use k8s_openapi::api::core::v1::Pod;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
 
-use crate::crd::{TriggerKind, TriggerSpec, WorkflowRun, WorkflowRunSpec, WorkflowRunStatus};
-use crate::model::pipeline::{PushTrigger, TriggerRepo};
-use crate::model::{CloneOptions, Engine, StatusKind, Step};
-use crate::plan::{Plan, PlanSettings};
+use crate::crd::WorkflowRun;
+use crate::model::{StatusFrame, StatusKind, StatusRecord};
+use crate::store::Store;
 use crate::tekton::{PipelineRun, TaskRun};
 
-pub const NAMESPACE: &str = "bobbin-test";
+pub use crate::testkit::NAMESPACE;
 
-impl WorkflowRun {
-    /// A push-triggered `kubernetes`-engine run of `test.yml` on knot1 with no steps yet, as intake
-    /// would create it (named, namespaced, with a uid and creation time).
-    pub fn test(name: &str) -> Self {
-        let spec = WorkflowRunSpec {
-            knot: "knot1.tangled.sh".into(),
-            pipeline_rkey: "3m734z2gwll22".into(),
-            workflow: "test.yml".into(),
-            trigger: TriggerSpec {
-                kind: TriggerKind::Push,
-                repo: TriggerRepo {
-                    knot: "knot1.tangled.sh".into(),
-                    did: "did:plc:rjnvgfygwwqc5hyfsxmecosf".into(),
-                    repo: "hello-spindle".into(),
-                    default_branch: String::new(),
-                },
-                push: Some(PushTrigger {
-                    ref_: "refs/heads/main".into(),
-                    new_sha: "356a192b7913b04c54574d18c28d46e6395428ab".into(),
-                    old_sha: "b6589fc6ab0dc82cf12099d1c2d40ab994e8410c".into(),
-                }),
-                pull_request: None,
-                manual: None,
-            },
-            engine: Engine::Kubernetes,
-            image: Some("alpine:3.20".into()),
-            architecture: None,
-            clone: CloneOptions::default(),
-            dependencies: BTreeMap::new(),
-            environment: BTreeMap::new(),
-            steps: Vec::new(),
-            timeout: None,
-            secret_name: None,
-            cancel: false,
-        };
-        let mut run = WorkflowRun::new(name, spec);
-        run.metadata = ObjectMeta {
-            name: Some(name.into()),
-            namespace: Some(NAMESPACE.into()),
-            uid: Some(format!("uid-{name}")),
-            generation: Some(1),
-            resource_version: Some("1".into()),
-            creation_timestamp: Some(Time("2026-11-21T12:00:00Z".parse().expect("timestamp"))),
-            ..ObjectMeta::default()
-        };
-        run
+/// The store has already seen `statuses` for `run`, in order (e.g. intake's `pending`).
+pub async fn already_reported(store: &Store, run: &WorkflowRun, statuses: &[StatusKind]) {
+    for &status in statuses {
+        store
+            .append_status(StatusRecord::new(&run.workflow_id(), status, Timestamp::now()))
+            .await
+            .unwrap_or_else(|e| panic!("append {status:?}: {e}"));
     }
+}
 
-    /// User steps named `names`, each running `echo <name>`.
-    pub fn with_steps(mut self, names: &[&str]) -> Self {
-        self.spec.steps = names
-            .iter()
-            .map(|n| Step { name: (*n).into(), command: format!("echo {n}"), environment: BTreeMap::new() })
-            .collect();
-        self
-    }
-
-    pub fn with_phase(mut self, phase: StatusKind) -> Self {
-        self.status.get_or_insert_with(WorkflowRunStatus::default).phase = Some(phase);
-        self
-    }
-
-    pub fn with_status(mut self, status: WorkflowRunStatus) -> Self {
-        self.status = Some(status);
-        self
-    }
-
-    pub fn with_finalizer(mut self) -> Self {
-        self.metadata.finalizers = Some(vec![super::FINALIZER.into()]);
-        self
-    }
-
-    pub fn created_at(mut self, at: &str) -> Self {
-        self.metadata.creation_timestamp = Some(Time(at.parse().expect("timestamp")));
-        self
-    }
-
-    pub fn cancelled(mut self) -> Self {
-        self.spec.cancel = true;
-        self
-    }
-
-    /// Its plan with default settings.
-    pub fn plan(&self) -> Plan {
-        crate::plan::plan(&self.spec, &PlanSettings::from(&crate::config::Config::for_tests()))
-            .expect("plannable")
-    }
+/// What tangled saw: (status, error, exitCode) of every status event in the store.
+pub async fn reported(store: &Store) -> Vec<(StatusKind, Option<String>, Option<i64>)> {
+    store
+        .events_after(0, 100)
+        .await
+        .expect("events")
+        .into_iter()
+        .map(|e| {
+            let f: StatusFrame = serde_json::from_str(&e.frame).expect("frame");
+            (f.event.status, f.event.error, f.event.exit_code)
+        })
+        .collect()
 }
 
 /// One recorded watch event.

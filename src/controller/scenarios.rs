@@ -13,14 +13,14 @@ use kube::core::DeserializeGuard;
 use kube::runtime::controller::Action;
 use serde_json::{Value, json};
 
-use super::fixtures::{ClusterState, NAMESPACE, watch_sequence};
+use super::fixtures::{ClusterState, NAMESPACE, already_reported, reported, watch_sequence};
 use super::metrics::ControllerMetrics;
 use super::mock::{ApiServer, Exchange};
 use super::queue::QueueKick;
 use super::reconcile::{Context, StartedRun, reconcile};
 use super::status::{Observation, WORKFLOW_FAILED};
 use crate::crd::{WorkflowRun, WorkflowRunStatus};
-use crate::model::{StatusKind, StatusRecord};
+use crate::model::StatusKind;
 use crate::secrets::{SecretValues, SecretsError};
 use crate::store::Store;
 use crate::tekton::PipelineRun;
@@ -73,10 +73,7 @@ fn harness(client: Client, store: Option<(tempfile::TempDir, Store)>) -> Harness
 }
 
 async fn intake_reported_pending(store: &Store, run: &WorkflowRun) {
-    store
-        .append_status(StatusRecord::new(&run.workflow_id(), StatusKind::Pending, Timestamp::now()))
-        .await
-        .expect("pending");
+    already_reported(store, run, &[StatusKind::Pending]).await;
 }
 
 async fn reconcile_once(h: &Harness, run: &WorkflowRun) -> Action {
@@ -87,20 +84,6 @@ async fn reconcile_once(h: &Harness, run: &WorkflowRun) -> Action {
     .await
     .expect("reconcile finished in time")
     .expect("reconcile succeeded")
-}
-
-/// (status, error, exitCode) of every status event in the store.
-async fn reported(store: &Store) -> Vec<(StatusKind, Option<String>, Option<i64>)> {
-    store
-        .events_after(0, 100)
-        .await
-        .expect("events")
-        .into_iter()
-        .map(|e| {
-            let f: crate::model::StatusFrame = serde_json::from_str(&e.frame).expect("frame");
-            (f.event.status, f.event.error, f.event.exit_code)
-        })
-        .collect()
 }
 
 fn list(kind: &str, items: Vec<Value>) -> Value {
@@ -442,11 +425,7 @@ async fn cancellation_patches_the_pipeline_run_then_reports_cancelled() {
     script.push(event("Cancelled", "Normal"));
     let (client, server) = ApiServer::new(script);
     let h = harness(client, None);
-    intake_reported_pending(&h.store, &run).await;
-    h.store
-        .append_status(StatusRecord::new(&run.workflow_id(), StatusKind::Running, Timestamp::now()))
-        .await
-        .expect("running");
+    already_reported(&h.store, &run, &[StatusKind::Pending, StatusKind::Running]).await;
     reconcile_once(&h, &run).await;
     reconcile_once(&h, &run).await;
     server.done().await;
@@ -497,12 +476,7 @@ async fn finished_runs_are_deleted_after_their_ttl() {
             .respond(200, serde_json::to_value(&run).expect("json")),
     ]);
     let h = harness(client, None);
-    for s in [StatusKind::Pending, StatusKind::Running, StatusKind::Success] {
-        h.store
-            .append_status(StatusRecord::new(&run.workflow_id(), s, Timestamp::now()))
-            .await
-            .expect("status");
-    }
+    already_reported(&h.store, &run, &[StatusKind::Pending, StatusKind::Running, StatusKind::Success]).await;
     assert_eq!(reconcile_once(&h, &run).await, Action::await_change());
     server.done().await;
     assert_eq!(reported(&h.store).await.len(), 3, "nothing re-reported");
@@ -516,12 +490,7 @@ async fn finished_runs_are_deleted_after_their_ttl() {
     });
     let (client, server) = ApiServer::new(vec![]);
     let h2 = harness(client, None);
-    for s in [StatusKind::Pending, StatusKind::Running, StatusKind::Success] {
-        h2.store
-            .append_status(StatusRecord::new(&run.workflow_id(), s, Timestamp::now()))
-            .await
-            .expect("status");
-    }
+    already_reported(&h2.store, &run, &[StatusKind::Pending, StatusKind::Running, StatusKind::Success]).await;
     let action = reconcile_once(&h2, &fresh).await;
     server.done().await;
     assert_ne!(action, Action::await_change());
@@ -544,11 +513,7 @@ async fn a_pipeline_run_deleted_behind_our_back_fails_the_run() {
         event("Failed", "Warning"),
     ]);
     let h = harness(client, None);
-    intake_reported_pending(&h.store, &run).await;
-    h.store
-        .append_status(StatusRecord::new(&run.workflow_id(), StatusKind::Running, Timestamp::now()))
-        .await
-        .expect("running");
+    already_reported(&h.store, &run, &[StatusKind::Pending, StatusKind::Running]).await;
     reconcile_once(&h, &run).await;
     server.done().await;
     assert_eq!(reported(&h.store).await.last().cloned(), Some((StatusKind::Failed, Some(message), Some(-1))));

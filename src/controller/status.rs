@@ -654,7 +654,7 @@ fn creation(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::controller::fixtures::{ClusterState, Recorded, watch_sequence};
+    use crate::controller::fixtures::{ClusterState, Recorded, already_reported, reported, watch_sequence};
     use crate::crd::StepKind;
     use crate::store::Store;
 
@@ -675,10 +675,7 @@ mod tests {
         let mut store = Store::open(&path).expect("open");
         let id = run.workflow_id();
         // Intake reported `pending` when it created the WorkflowRun.
-        store
-            .append_status(StatusRecord::new(&id, StatusKind::Pending, Timestamp::now()))
-            .await
-            .expect("pending");
+        already_reported(&store, &run, &[StatusKind::Pending]).await;
 
         let events = watch_sequence(scenario);
         let created = events
@@ -722,17 +719,7 @@ mod tests {
             previous_status = run.status.clone();
             run.status = Some(mapped.status);
         }
-        let seen = store
-            .events_after(0, 100)
-            .await
-            .expect("events")
-            .into_iter()
-            .map(|e| {
-                let f: crate::model::StatusFrame = serde_json::from_str(&e.frame).expect("frame");
-                (f.event.status, f.event.error, f.event.exit_code)
-            })
-            .collect();
-        (seen, run.status.expect("status"))
+        (reported(&store).await, run.status.expect("status"))
     }
 
     fn phases(status: &WorkflowRunStatus) -> Vec<(&str, StepKind, StepPhase, Option<i64>)> {
@@ -757,50 +744,52 @@ mod tests {
     #[tokio::test]
     async fn per_step_success() {
         let run = WorkflowRun::test("wf").with_steps(&["build", "test"]);
-        check(
-            "per-step-success",
-            run,
-            &vec![(Pending, None, None), (Running, None, None), (Success, None, None)],
-            |s| {
-                assert_eq!(s.phase, Some(Success));
-                assert_eq!(s.exit_code, None);
-                assert!(s.start_time.is_some() && s.completion_time.is_some());
-                assert_eq!(
-                    phases(s),
-                    [
-                        (crate::plan::CLONE_STEP_NAME, StepKind::System, StepPhase::Succeeded, Some(0)),
-                        ("build", StepKind::User, StepPhase::Succeeded, Some(0)),
-                        ("test", StepKind::User, StepPhase::Succeeded, Some(0)),
-                    ]
-                );
-                assert!(s.steps.iter().all(|st| st.start_time.is_some() && st.finish_time.is_some()));
-            },
-        )
-        .await;
-    }
-
-    #[tokio::test]
-    async fn per_step_fail_reports_the_real_exit_code_and_skips_the_rest() {
-        let run = WorkflowRun::test("wf").with_steps(&["build", "boom", "never"]);
-        let want = vec![
-            (Pending, None, None),
-            (Running, None, None),
-            (Failed, Some(WORKFLOW_FAILED.into()), Some(3)),
-        ];
-        check("per-step-fail", run, &want, |s| {
-            assert_eq!(
-                (s.phase, s.exit_code, s.message.as_deref()),
-                (Some(Failed), Some(3), Some(WORKFLOW_FAILED))
-            );
+        check("per-step-success", run, &ran_then(Success), |s| {
+            assert_eq!(s.phase, Some(Success));
+            assert_eq!(s.exit_code, None);
+            assert!(s.start_time.is_some() && s.completion_time.is_some());
             assert_eq!(
                 phases(s),
                 [
                     (crate::plan::CLONE_STEP_NAME, StepKind::System, StepPhase::Succeeded, Some(0)),
                     ("build", StepKind::User, StepPhase::Succeeded, Some(0)),
-                    ("boom", StepKind::User, StepPhase::Failed, Some(3)),
-                    ("never", StepKind::User, StepPhase::Skipped, None),
+                    ("test", StepKind::User, StepPhase::Succeeded, Some(0)),
                 ]
             );
+            assert!(s.steps.iter().all(|st| st.start_time.is_some() && st.finish_time.is_some()));
+        })
+        .await;
+    }
+
+    /// What tangled sees of a run that ran and ended `last`, with no error or exit code.
+    fn ran_then(last: StatusKind) -> Seen {
+        vec![(Pending, None, None), (Running, None, None), (last, None, None)]
+    }
+
+    /// What tangled sees when `boom` of build, boom, never exits with `code`.
+    fn boom_failed(code: i64) -> Seen {
+        vec![(Pending, None, None), (Running, None, None), (Failed, Some(WORKFLOW_FAILED.into()), Some(code))]
+    }
+
+    /// The steps after `boom` exited with `code`: build ran, never was skipped.
+    fn boom_failed_steps(code: i64) -> [(&'static str, StepKind, StepPhase, Option<i64>); 4] {
+        [
+            (crate::plan::CLONE_STEP_NAME, StepKind::System, StepPhase::Succeeded, Some(0)),
+            ("build", StepKind::User, StepPhase::Succeeded, Some(0)),
+            ("boom", StepKind::User, StepPhase::Failed, Some(code)),
+            ("never", StepKind::User, StepPhase::Skipped, None),
+        ]
+    }
+
+    #[tokio::test]
+    async fn per_step_fail_reports_the_real_exit_code_and_skips_the_rest() {
+        let run = WorkflowRun::test("wf").with_steps(&["build", "boom", "never"]);
+        check("per-step-fail", run, &boom_failed(3), |s| {
+            assert_eq!(
+                (s.phase, s.exit_code, s.message.as_deref()),
+                (Some(Failed), Some(3), Some(WORKFLOW_FAILED))
+            );
+            assert_eq!(phases(s), boom_failed_steps(3));
         })
         .await;
     }
@@ -808,65 +797,37 @@ mod tests {
     #[tokio::test]
     async fn per_step_timeout_is_timeout_without_error() {
         let run = WorkflowRun::test("wf").with_steps(&["slow"]);
-        check(
-            "per-step-timeout",
-            run,
-            &vec![(Pending, None, None), (Running, None, None), (Timeout, None, None)],
-            |s| {
-                assert_eq!((s.phase, s.exit_code), (Some(Timeout), None));
-                assert_eq!(phases(s)[1], ("slow", StepKind::User, StepPhase::Failed, None));
-            },
-        )
+        check("per-step-timeout", run, &ran_then(Timeout), |s| {
+            assert_eq!((s.phase, s.exit_code), (Some(Timeout), None));
+            assert_eq!(phases(s)[1], ("slow", StepKind::User, StepPhase::Failed, None));
+        })
         .await;
     }
 
     #[tokio::test]
     async fn per_step_cancel_is_cancelled() {
         let run = WorkflowRun::test("wf").with_steps(&["slow"]);
-        check(
-            "per-step-cancel",
-            run,
-            &vec![(Pending, None, None), (Running, None, None), (Cancelled, None, None)],
-            |s| {
-                assert_eq!((s.phase, s.exit_code), (Some(Cancelled), None));
-                assert_eq!(phases(s)[0].2, StepPhase::Succeeded);
-            },
-        )
+        check("per-step-cancel", run, &ran_then(Cancelled), |s| {
+            assert_eq!((s.phase, s.exit_code), (Some(Cancelled), None));
+            assert_eq!(phases(s)[0].2, StepPhase::Succeeded);
+        })
         .await;
     }
 
     #[tokio::test]
     async fn per_step_pending_waits_then_runs() {
         let run = WorkflowRun::test("wf").with_steps(&["quick"]);
-        check(
-            "per-step-pending",
-            run,
-            &vec![(Pending, None, None), (Running, None, None), (Success, None, None)],
-            |s| {
-                assert_eq!(s.phase, Some(Success));
-            },
-        )
+        check("per-step-pending", run, &ran_then(Success), |s| {
+            assert_eq!(s.phase, Some(Success));
+        })
         .await;
     }
 
     #[tokio::test]
     async fn packed_fail_reads_tekton_steps() {
         let run = WorkflowRun::test("wf").with_steps(&["build", "boom", "never"]);
-        let want = vec![
-            (Pending, None, None),
-            (Running, None, None),
-            (Failed, Some(WORKFLOW_FAILED.into()), Some(4)),
-        ];
-        check("packed-fail", run, &want, |s| {
-            assert_eq!(
-                phases(s),
-                [
-                    (crate::plan::CLONE_STEP_NAME, StepKind::System, StepPhase::Succeeded, Some(0)),
-                    ("build", StepKind::User, StepPhase::Succeeded, Some(0)),
-                    ("boom", StepKind::User, StepPhase::Failed, Some(4)),
-                    ("never", StepKind::User, StepPhase::Skipped, None),
-                ]
-            );
+        check("packed-fail", run, &boom_failed(4), |s| {
+            assert_eq!(phases(s), boom_failed_steps(4));
         })
         .await;
     }
@@ -919,6 +880,15 @@ mod tests {
         let kinds: Vec<_> = m.records.iter().map(|r| r.status).collect();
         assert_eq!(kinds, [Pending, Running, Success]);
         assert!(m.records.iter().all(|r| r.workflow == "test.yml"));
+    }
+
+    /// The TaskRun of user step `step` in a recorded state.
+    fn task_run_of<'a>(state: &'a mut ClusterState, step: &str) -> &'a mut crate::tekton::TaskRun {
+        state
+            .task_runs
+            .values_mut()
+            .find(|t| t.metadata.name.as_deref().is_some_and(|n| n.ends_with(step)))
+            .expect("the step's TaskRun")
     }
 
     /// Find the first pod of a scenario and make its step container wait with `reason`.
@@ -1022,11 +992,7 @@ mod tests {
         let run = WorkflowRun::test("wf").with_steps(&["build", "boom", "never"]);
         let all = watch_sequence("per-step-fail").len();
         let mut state = state_after("per-step-fail", all);
-        let boom = state
-            .task_runs
-            .values_mut()
-            .find(|t| t.metadata.name.as_deref().is_some_and(|n| n.ends_with("boom")))
-            .expect("boom");
+        let boom = task_run_of(&mut state, "boom");
         let step = &mut boom.status.as_mut().expect("status").steps[0];
         step.termination_reason = Some("OOMKilled".into());
         step.terminated.as_mut().expect("terminated").exit_code = 137;
@@ -1049,11 +1015,7 @@ mod tests {
         let run = WorkflowRun::test("wf").with_steps(&["build", "boom", "never"]);
         let all = watch_sequence("per-step-fail").len();
         let mut state = state_after("per-step-fail", all);
-        let boom = state
-            .task_runs
-            .values_mut()
-            .find(|t| t.metadata.name.as_deref().is_some_and(|n| n.ends_with("boom")))
-            .expect("boom");
+        let boom = task_run_of(&mut state, "boom");
         let status = boom.status.as_mut().expect("status");
         status.steps.clear();
         status.conditions[0].reason = Some("TaskRunImagePullFailed".into());

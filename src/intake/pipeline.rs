@@ -405,20 +405,22 @@ mod tests {
 
     const GOOD: &str = "image: alpine:3\nsteps:\n  - name: hi\n    command: echo hi\n";
 
+    /// The member's repo the fixture pipelines belong to.
+    fn hello_spindle() -> RepoRow {
+        RepoRow {
+            knot: KNOT.into(),
+            owner: MEMBER.into(),
+            name: "hello-spindle".into(),
+            rkey: "3m6pd65mx7k2b".into(),
+        }
+    }
+
     async fn registered_store(path: &std::path::Path) -> Store {
         let store = Store::open(path).expect("open");
         store
             .transaction(|tx| {
                 q::put_member(tx, OWNER, "m1", "spindle.example.com", MEMBER)?;
-                q::register_repo(
-                    tx,
-                    &RepoRow {
-                        knot: KNOT.into(),
-                        owner: MEMBER.into(),
-                        name: "hello-spindle".into(),
-                        rkey: "3m6pd65mx7k2b".into(),
-                    },
-                )
+                q::register_repo(tx, &hello_spindle())
             })
             .await
             .expect("register");
@@ -677,20 +679,7 @@ mod tests {
         // Another pipeline whose runs already exist (created before a restart): success.
         let pr = pr_frame();
         let first = PipelineIntake::new(store.clone(), Arc::new(kube.api(NS)), NS, OWNER);
-        store
-            .transaction(|tx| {
-                q::register_repo(
-                    tx,
-                    &RepoRow {
-                        knot: KNOT.into(),
-                        owner: MEMBER.into(),
-                        name: "hello-spindle".into(),
-                        rkey: "3m6pd65mx7k2b".into(),
-                    },
-                )
-            })
-            .await
-            .expect("r");
+        store.transaction(|tx| q::register_repo(tx, &hello_spindle())).await.expect("r");
         let env = KnotEnvelope::parse(&pr.text).expect("env");
         for p in plan(KNOT, &env.rkey, &env.pipeline().expect("rec"), NS).expect("plan") {
             let WorkflowPlan::Run(run) = p else { panic!("runs") };

@@ -13,9 +13,7 @@ use http::{Request, Response};
 use hyper::body::{Bytes, Frame};
 use serde_json::{Value, json};
 
-use crate::crd::{TriggerKind, TriggerSpec, WorkflowRun, WorkflowRunSpec, WorkflowRunStatus};
-use crate::model::pipeline::{PushTrigger, TriggerRepo};
-use crate::model::{CloneOptions, Engine, Step};
+use crate::crd::{WorkflowRun, WorkflowRunStatus};
 
 pub type TestBody = http_body_util::StreamBody<BoxStream<'static, Result<Frame<Bytes>, std::io::Error>>>;
 
@@ -288,53 +286,10 @@ fn stream_response(body: Vec<u8>, mode: LogMode, chunk: usize) -> Response<TestB
 
 /// A WorkflowRun like the one the recorded per-step scenarios ran (clone, then the user steps).
 pub fn workflow_run(namespace: &str, uid: &str, steps: &[(&str, &str)]) -> WorkflowRun {
-    let spec = WorkflowRunSpec {
-        knot: "knot1.tangled.sh".into(),
-        pipeline_rkey: "3m734z2gwll22".into(),
-        workflow: "test.yml".into(),
-        trigger: TriggerSpec {
-            kind: TriggerKind::Push,
-            repo: TriggerRepo {
-                knot: "knot1.tangled.sh".into(),
-                did: "did:plc:rjnvgfygwwqc5hyfsxmecosf".into(),
-                repo: "hello-spindle".into(),
-                default_branch: String::new(),
-            },
-            push: Some(PushTrigger {
-                ref_: "refs/heads/main".into(),
-                new_sha: "356a192b7913b04c54574d18c28d46e6395428ab".into(),
-                old_sha: "b6589fc6ab0dc82cf12099d1c2d40ab994e8410c".into(),
-            }),
-            pull_request: None,
-            manual: None,
-        },
-        engine: Engine::Kubernetes,
-        image: Some("alpine:3.20".into()),
-        architecture: None,
-        clone: CloneOptions::default(),
-        dependencies: BTreeMap::new(),
-        environment: BTreeMap::new(),
-        steps: steps
-            .iter()
-            .map(|(n, c)| Step { name: (*n).into(), command: (*c).into(), environment: BTreeMap::new() })
-            .collect(),
-        timeout: None,
-        secret_name: Some("run-secrets".into()),
-        cancel: false,
-    };
-    let mut run = WorkflowRun::new("knot1-run", spec);
-    run.metadata.namespace = Some(namespace.to_owned());
-    run.metadata.uid = Some(uid.to_owned());
-    run.status = Some(WorkflowRunStatus::default());
-    run
-}
-
-/// Plan settings for tests.
-pub fn plan_settings() -> crate::plan::PlanSettings {
-    crate::plan::PlanSettings {
-        nixery: "nixery.tangled.sh".into(),
-        dev: false,
-        dev_localhost_alias: "host.docker.internal".into(),
-        default_architecture: None,
-    }
+    WorkflowRun::test("knot1-run")
+        .in_namespace(namespace)
+        .with_uid(uid)
+        .with_commands(steps)
+        .with_secret("run-secrets")
+        .with_status(WorkflowRunStatus::default())
 }

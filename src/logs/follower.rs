@@ -984,7 +984,8 @@ mod tests {
     use std::path::{Path, PathBuf};
 
     use super::*;
-    use crate::logs::fake::{FakeCluster, LogMode, plan_settings, workflow_run};
+    use crate::logs::fake::{FakeCluster, LogMode, workflow_run};
+    use crate::plan::PlanSettings;
 
     const BUILD: (&str, &str) = ("Build", "echo building; cat README; ls");
     const TEST: (&str, &str) = ("Test", "for i in 1 2 3; do echo test $i; sleep 0.3; done");
@@ -1014,7 +1015,7 @@ mod tests {
 
     fn target(fake: &FakeCluster, uid: &str, steps: &[(&str, &str)]) -> RunTarget {
         let run = workflow_run(&fake.namespace(), uid, steps);
-        let plan = crate::plan::plan(&run.spec, &plan_settings()).expect("plan");
+        let plan = crate::plan::plan(&run.spec, &PlanSettings::test()).expect("plan");
         RunTarget::new(&run, &plan, &fake.pipeline_run, "default").expect("target")
     }
 
@@ -1357,7 +1358,7 @@ mod tests {
         let fake = FakeCluster::scenario("per-step-success");
         add_secret(&fake, "the repo");
         let run = workflow_run(&fake.namespace(), "uid-1", &[BUILD, TEST]);
-        let plan = crate::plan::plan(&run.spec, &plan_settings()).expect("plan");
+        let plan = crate::plan::plan(&run.spec, &PlanSettings::test()).expect("plan");
         let service = super::super::LogService::new(fake.client(), h.store.clone(), h.settings.clone());
         let t = target(&fake, "uid-1", &[BUILD, TEST]);
         assert!(service.ensure_following(&run, &plan, &fake.pipeline_run).expect("start"));
@@ -1380,7 +1381,7 @@ mod tests {
             .insert(("WorkflowRun".into(), "knot1-run".into()), serde_json::to_value(&run).expect("json"));
         let service =
             super::super::LogService::new(fake.client(), other.store.clone(), other.settings.clone());
-        let started = service.resume_all(&fake.namespace(), &plan_settings()).await.expect("resume");
+        let started = service.resume_all(&fake.namespace(), &PlanSettings::test()).await.expect("resume");
         assert_eq!(started, 1);
         let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
         while service.is_following(&t.log_file()) {

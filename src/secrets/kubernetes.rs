@@ -298,6 +298,19 @@ mod tests {
         body
     }
 
+    /// Answer a GET of `path` with the Secret as it is stored now.
+    async fn get_current(handle: &mut Handle, path: &str, current: &serde_json::Value) {
+        let current = current.clone();
+        expect(handle, Method::GET, path, move |_| json(StatusCode::OK, current)).await;
+    }
+
+    /// `body` as the API server stores it: at resourceVersion `rv`.
+    fn at_version(body: &serde_json::Value, rv: &str) -> serde_json::Value {
+        let mut body = body.clone();
+        body["metadata"]["resourceVersion"] = rv.into();
+        body
+    }
+
     #[test]
     fn names_are_per_scope_and_valid() {
         let a = secret_name(SCOPE);
@@ -318,9 +331,7 @@ mod tests {
             // add NPM_TOKEN: no Secret yet → create.
             expect(&mut handle, Method::GET, &path, |_| status(404, "NotFound")).await;
             let created = expect(&mut handle, Method::POST, collection, |b| {
-                let mut b = b.clone();
-                b["metadata"]["resourceVersion"] = "1".into();
-                json(StatusCode::CREATED, b)
+                json(StatusCode::CREATED, at_version(b, "1"))
             })
             .await;
             assert_eq!(created["metadata"]["name"], name.as_str());
@@ -332,58 +343,41 @@ mod tests {
             )
             .expect("json");
             assert_eq!(meta["NPM_TOKEN"]["createdBy"], BY);
-            let mut current = created.clone();
-            current["metadata"]["resourceVersion"] = "1".into();
+            let current = at_version(&created, "1");
 
             // add B: the Secret exists → replace with its resourceVersion; first a conflict, then a retry.
-            let c = current.clone();
-            expect(&mut handle, Method::GET, &path, move |_| json(StatusCode::OK, c)).await;
+            get_current(&mut handle, &path, &current).await;
             expect(&mut handle, Method::PUT, &path, |b| {
                 assert_eq!(b["metadata"]["resourceVersion"], "1");
                 status(409, "Conflict")
             })
             .await;
-            let c = current.clone();
-            expect(&mut handle, Method::GET, &path, move |_| json(StatusCode::OK, c)).await;
-            let replaced = expect(&mut handle, Method::PUT, &path, |b| {
-                let mut b = b.clone();
-                b["metadata"]["resourceVersion"] = "2".into();
-                json(StatusCode::OK, b)
-            })
-            .await;
+            get_current(&mut handle, &path, &current).await;
+            let replaced =
+                expect(&mut handle, Method::PUT, &path, |b| json(StatusCode::OK, at_version(b, "2"))).await;
             assert_eq!(replaced["data"]["B"], "dHdv");
             assert_eq!(replaced["data"]["NPM_TOKEN"], "bnBtXzljMWYwYjdlNWQyYTRjOGU=");
-            let mut current = replaced;
-            current["metadata"]["resourceVersion"] = "2".into();
+            let current = at_version(&replaced, "2");
 
             // duplicate add: read only, no write.
-            let c = current.clone();
-            expect(&mut handle, Method::GET, &path, move |_| json(StatusCode::OK, c)).await;
+            get_current(&mut handle, &path, &current).await;
             // list, values.
             for _ in 0..2 {
-                let c = current.clone();
-                expect(&mut handle, Method::GET, &path, move |_| json(StatusCode::OK, c)).await;
+                get_current(&mut handle, &path, &current).await;
             }
             // remove B → replace without it.
-            let c = current.clone();
-            expect(&mut handle, Method::GET, &path, move |_| json(StatusCode::OK, c)).await;
-            let after = expect(&mut handle, Method::PUT, &path, |b| {
-                let mut b = b.clone();
-                b["metadata"]["resourceVersion"] = "3".into();
-                json(StatusCode::OK, b)
-            })
-            .await;
+            get_current(&mut handle, &path, &current).await;
+            let after =
+                expect(&mut handle, Method::PUT, &path, |b| json(StatusCode::OK, at_version(b, "3"))).await;
             assert!(after["data"].get("B").is_none());
             let keys: serde_json::Value = serde_json::from_str(
                 after["metadata"]["annotations"][KEYS_ANNOTATION].as_str().expect("keys"),
             )
             .expect("json");
             assert!(keys.get("B").is_none() && keys.get("NPM_TOKEN").is_some());
-            let mut current = after;
-            current["metadata"]["resourceVersion"] = "3".into();
+            let current = at_version(&after, "3");
             // remove the last key → delete the Secret, guarded by its resourceVersion.
-            let c = current.clone();
-            expect(&mut handle, Method::GET, &path, move |_| json(StatusCode::OK, c)).await;
+            get_current(&mut handle, &path, &current).await;
             let del = expect(&mut handle, Method::DELETE, &path, |_| {
                 json(
                     StatusCode::OK,
