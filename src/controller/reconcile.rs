@@ -28,12 +28,13 @@ use super::queue::{QUEUED_AT, QueueKick};
 use super::status::{self, Mapped, Observation, Verdict};
 use super::{FINALIZER, RUN_LABEL};
 use crate::crd::{FIELD_MANAGER, WorkflowRun, WorkflowRunStatus};
-use crate::model::{StatusKind, StatusRecord};
+use crate::model::ids::parse_pipeline_uri;
+use crate::model::{StatusKind, StatusRecord, WorkflowId};
 use crate::plan::{self, Plan};
 use crate::secrets::{self, SecretValues, SecretsError};
 use crate::store::{Store, StoreError};
 use crate::tekton::secret::per_run_secret;
-use crate::tekton::translate::{self, TranslateInput, TranslateSettings};
+use crate::tekton::translate::{self, TranslateInput, TranslateSettings, keys};
 use crate::tekton::types::{LABEL_PIPELINE_RUN, spec_status, succeeded};
 use crate::tekton::{PipelineRun, TaskRun};
 
@@ -169,13 +170,24 @@ pub async fn reconcile(guard: Arc<DeserializeGuard<WorkflowRun>>, ctx: Arc<Conte
             // Not a WorkflowRun this build can read: say so on the object, then wait for an edit.
             tracing::warn!(error = %invalid.error, "malformed WorkflowRun");
             ctx.metrics.error("malformed");
+            let message = format!("invalid WorkflowRun: {}", invalid.error);
             if let Some(name) = &invalid.metadata.name {
                 let status = json!({"apiVersion": "bobbin.dev/v1alpha1", "kind": "WorkflowRun", "status": {
-                    "phase": "failed", "message": format!("invalid WorkflowRun: {}", invalid.error)}});
+                    "phase": "failed", "message": message}});
                 // Through the guard again: the answer is the same malformed object.
                 Api::<DeserializeGuard<WorkflowRun>>::namespaced(ctx.client.clone(), &ctx.namespace)
                     .patch_status(name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&status))
                     .await?;
+            }
+            // Tell tangled too, so the workflow does not stay `pending` there forever; the id comes
+            // from the annotations intake writes, as the spec that holds it cannot be read.
+            if let Some(id) = workflow_id_from_annotations(&invalid.metadata) {
+                let last = ctx.store.latest_status(&id).await?.map(|r| r.status);
+                if !last.is_some_and(StatusKind::is_final) {
+                    let record =
+                        StatusRecord::new(&id, StatusKind::Failed, Timestamp::now()).with_error(message, -1);
+                    ctx.store.append_transition(record).await?;
+                }
             }
             Ok(Action::await_change())
         }
@@ -187,6 +199,14 @@ pub async fn reconcile(guard: Arc<DeserializeGuard<WorkflowRun>>, ctx: Arc<Conte
         ctx.failures.lock().unwrap_or_else(|p| p.into_inner()).remove(uid);
     }
     result
+}
+
+/// The workflow a WorkflowRun reports as, from the `bobbin.dev/pipeline-uri` and
+/// `bobbin.dev/workflow` annotations (set on every run intake creates).
+fn workflow_id_from_annotations(meta: &kube::api::ObjectMeta) -> Option<WorkflowId> {
+    let annotations = meta.annotations.as_ref()?;
+    let (knot, rkey) = parse_pipeline_uri(annotations.get(keys::PIPELINE_URI)?)?;
+    Some(WorkflowId::new(knot, rkey, annotations.get(keys::WORKFLOW)?))
 }
 
 /// Retry a failed reconcile with bounded exponential backoff (5 s, 10 s, … 5 min) per object.

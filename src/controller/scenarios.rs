@@ -555,6 +555,43 @@ async fn a_malformed_object_is_marked_and_left_alone() {
     let action = reconcile(Arc::new(guard), h.ctx.clone()).await.expect("handled");
     server.done().await;
     assert_eq!(action, Action::await_change());
+    assert!(reported(&h.store).await.is_empty(), "no annotations: no workflow to report on");
+}
+
+#[tokio::test]
+async fn a_malformed_intake_run_is_reported_failed_to_tangled_once() {
+    let broken = json!({
+        "apiVersion": "bobbin.dev/v1alpha1", "kind": "WorkflowRun",
+        "metadata": {"name": "broken", "namespace": NAMESPACE, "uid": "u1", "annotations": {
+            "bobbin.dev/pipeline-uri": "at://did:web:knot1.tangled.sh/sh.tangled.pipeline/3m734z2gwll22",
+            "bobbin.dev/workflow": "test.yml"}},
+        "spec": {"knot": 7}
+    });
+    let patch = || {
+        Exchange::patch(&format!("{RUNS}/broken/status?&force=true&fieldManager=bobbin"))
+            .body(json!({"status": {"phase": "failed"}}))
+            .respond(200, ok_run())
+    };
+    let (client, server) = ApiServer::new(vec![patch(), patch()]);
+    let h = harness(client, None);
+    for _ in 0..2 {
+        let guard: DeserializeGuard<WorkflowRun> = serde_json::from_value(broken.clone()).expect("guard");
+        let action = reconcile(Arc::new(guard), h.ctx.clone()).await.expect("handled");
+        assert_eq!(action, Action::await_change());
+    }
+    server.done().await;
+    let statuses = reported(&h.store).await;
+    assert_eq!(statuses.len(), 1, "reported once across reconciles: {statuses:?}");
+    let (status, error, exit_code) = &statuses[0];
+    assert_eq!((*status, *exit_code), (StatusKind::Failed, Some(-1)));
+    assert!(error.as_deref().is_some_and(|e| e.starts_with("invalid WorkflowRun: ")), "{error:?}");
+    let latest = h
+        .store
+        .latest_status(&crate::model::WorkflowId::new("knot1.tangled.sh", "3m734z2gwll22", "test.yml"))
+        .await
+        .expect("store")
+        .expect("a status for the annotated workflow");
+    assert_eq!(latest.status, StatusKind::Failed);
 }
 
 #[test]
