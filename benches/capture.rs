@@ -271,7 +271,7 @@ impl Workload {
         let (mut lines, mut data_lines, mut secrets) = (0u64, 0u64, 0u64);
         while out.len() < target {
             let i = lines;
-            ts = ts + jiff::SignedDuration::from_nanos(150_000 + rng.below(100_000) as i64);
+            ts += jiff::SignedDuration::from_nanos(150_000 + rng.below(100_000) as i64);
             if seconds.last().is_none_or(|&(s, _)| s != ts.as_second()) {
                 seconds.push((ts.as_second(), out.len()));
             }
