@@ -29,7 +29,7 @@ use serde::{Deserialize, Serialize};
 
 use super::file::{LogFile, log_path};
 use super::hub::{Appended, LogHub};
-use super::line::{LogLine, StepStatus, step_kind_code};
+use super::line::{DataLineEncoder, LogLine, StepStatus, step_kind_code};
 use super::mask::Masker;
 use super::{LogError, LogSettings};
 use crate::crd::WorkflowRun;
@@ -157,10 +157,60 @@ pub struct LineAssembler {
     /// The current line's prefix is parsed.
     prefix_done: bool,
     ts: Option<jiff::Timestamp>,
+    ts_parser: TsParser,
 }
 
 /// The longest `--timestamps` prefix we wait for before giving up on one.
 const MAX_PREFIX: usize = 40;
+
+/// Parses `--timestamps` prefixes. The kubelet writes `YYYY-MM-DDTHH:MM:SS[.fraction]Z`, and
+/// consecutive lines mostly share their second, so the first 19 bytes are parsed once per second
+/// (by jiff) and only the fraction per line; anything else goes through jiff.
+#[derive(Debug, Default, Clone)]
+struct TsParser {
+    /// The last second parsed: its text and Unix second.
+    second: Option<([u8; 19], i64)>,
+}
+
+impl TsParser {
+    fn parse(&mut self, text: &[u8]) -> Option<jiff::Timestamp> {
+        if let Some((prefix, second)) = &self.second
+            && text.len() > 19
+            && text[..19] == prefix[..]
+            && let Some(nanos) = fraction_nanos(&text[19..])
+        {
+            return jiff::Timestamp::new(*second, nanos).ok();
+        }
+        let t: jiff::Timestamp = std::str::from_utf8(text).ok()?.parse().ok()?;
+        // Remember the second only for the plain shape the fast path reads (no leap second,
+        // not before the epoch, where the fraction would borrow from the second).
+        if text.len() > 19
+            && fraction_nanos(&text[19..]).is_some()
+            && &text[17..19] != b"60"
+            && t.as_second() >= 0
+            && t.subsec_nanosecond() >= 0
+        {
+            let mut prefix = [0u8; 19];
+            prefix.copy_from_slice(&text[..19]);
+            self.second = Some((prefix, t.as_second()));
+        }
+        Some(t)
+    }
+}
+
+/// `Z` or `.` + 1–9 digits + `Z`, as nanoseconds.
+fn fraction_nanos(rest: &[u8]) -> Option<i32> {
+    match rest {
+        [b'Z'] => Some(0),
+        [b'.', digits @ .., b'Z']
+            if (1..=9).contains(&digits.len()) && digits.iter().all(u8::is_ascii_digit) =>
+        {
+            let n = digits.iter().fold(0i32, |n, d| n * 10 + i32::from(d - b'0'));
+            Some(n * 10i32.pow(9 - digits.len() as u32))
+        }
+        _ => None,
+    }
+}
 
 impl LineAssembler {
     /// `cap`: longest line content kept whole; `timestamps`: lines start with `<RFC 3339> `.
@@ -173,6 +223,7 @@ impl LineAssembler {
             in_line: false,
             prefix_done: false,
             ts: None,
+            ts_parser: TsParser::default(),
         }
     }
 
@@ -180,12 +231,14 @@ impl LineAssembler {
     pub fn push(&mut self, bytes: &[u8], sink: &mut impl FnMut(Segment)) {
         self.pending.extend_from_slice(bytes);
         let mut at = 0;
+        // The next secret occurrence, searched once for many lines (see `line_is_clean`).
+        let mut hit = None;
         loop {
             if self.timestamps && !self.prefix_done {
                 let rest = &self.pending[at..];
                 match memchr::memchr2(b' ', b'\n', &rest[..rest.len().min(MAX_PREFIX)]) {
                     Some(i) if rest[i] == b' ' => {
-                        let parsed = std::str::from_utf8(&rest[..i]).ok().and_then(|s| s.parse().ok());
+                        let parsed = self.ts_parser.parse(&rest[..i]);
                         if parsed.is_some() {
                             at += i + 1;
                         }
@@ -221,7 +274,11 @@ impl LineAssembler {
                         continue;
                     }
                 }
-                let content = self.masker.mask(&rest[..end]).into_owned();
+                let content = if self.line_is_clean(&mut hit, at, at + end) {
+                    rest[..end].to_vec()
+                } else {
+                    self.masker.mask(&rest[..end]).into_owned()
+                };
                 sink(Segment { ts: self.ts, content, first: !self.in_line, last: true });
                 at += i + 1;
                 self.in_line = false;
@@ -245,7 +302,7 @@ impl LineAssembler {
     pub fn finish(&mut self, sink: &mut impl FnMut(Segment)) {
         if self.timestamps && !self.prefix_done && !self.pending.is_empty() {
             if let Some(i) = memchr::memchr(b' ', &self.pending) {
-                let parsed = std::str::from_utf8(&self.pending[..i]).ok().and_then(|s| s.parse().ok());
+                let parsed = self.ts_parser.parse(&self.pending[..i]);
                 if parsed.is_some() {
                     self.pending.drain(..=i);
                 }
@@ -263,6 +320,32 @@ impl LineAssembler {
             sink(Segment { ts: self.ts, content, first: !self.in_line, last: true });
         }
         self.reset();
+    }
+
+    /// Whether `pending[start..end]` certainly holds no secret, so masking it would change
+    /// nothing. `hit` caches `(searched from, first occurrence from there)` across the lines of
+    /// one `push`: the occurrence that ends first after `from` starts before the end of any
+    /// range after `from` that holds an occurrence ([`Masker::first_match`]), so every line
+    /// ending at or before its start is clean and one search serves all of them. Lines it does
+    /// not clear are masked as usual.
+    fn line_is_clean(
+        &self,
+        hit: &mut Option<(usize, Option<(usize, usize)>)>,
+        start: usize,
+        end: usize,
+    ) -> bool {
+        if self.masker.is_empty() {
+            return true;
+        }
+        let valid = hit.is_some_and(|(from, m)| from <= start && m.is_none_or(|(s, _)| s >= start));
+        if !valid {
+            let found = self.masker.first_match(&self.pending[start..]).map(|(s, e)| (start + s, start + e));
+            *hit = Some((start, found));
+        }
+        match hit {
+            Some((_, Some((s, _)))) => *s >= end,
+            _ => true,
+        }
     }
 
     /// Drop a partial line (the connection broke; the kubelet will send it again).
@@ -290,16 +373,23 @@ pub struct RunLog {
     hub: LogHub,
     key: String,
     buf: Vec<u8>,
+    data: DataLineEncoder,
 }
 
 impl RunLog {
     pub fn new(file: LogFile, hub: LogHub, key: String) -> Self {
-        RunLog { file, hub, key, buf: Vec::with_capacity(64 * 1024) }
+        RunLog { file, hub, key, buf: Vec::with_capacity(64 * 1024), data: DataLineEncoder::default() }
     }
 
     /// Queue one line.
     pub fn push(&mut self, line: &LogLine) {
         line.encode_into(&mut self.buf);
+        self.buf.push(b'\n');
+    }
+
+    /// Queue one data line; the same bytes as `push(&LogLine::data(step_id, content, time))`.
+    pub fn push_data(&mut self, step_id: i64, content: &str, time: jiff::Timestamp) {
+        self.data.encode(&mut self.buf, step_id, content, time);
         self.buf.push(b'\n');
     }
 
@@ -312,7 +402,8 @@ impl RunLog {
         let metrics = self.hub.metrics();
         metrics.lines_written.inc_by(memchr::memchr_iter(b'\n', &self.buf).count() as u64);
         metrics.bytes_written.inc_by(self.buf.len() as u64);
-        self.hub.publish(&self.key, Appended { offset, bytes: Arc::from(self.buf.as_slice()) });
+        let buf = &self.buf;
+        self.hub.publish_with(&self.key, || Appended { offset, bytes: Arc::from(buf.as_slice()) });
         self.buf.clear();
         Ok(())
     }
@@ -505,14 +596,10 @@ impl Follower {
             if ran || self.progress.started {
                 let end = self.clamp_forward(finished.unwrap_or_else(jiff::Timestamp::now));
                 self.write_start(&step, end);
-                self.push_line(LogLine::control(
-                    step.log_id,
-                    StepStatus::End,
-                    &step.name,
-                    step.kind,
-                    &step.command,
+                self.push_line(
+                    LogLine::control(step.log_id, StepStatus::End, &step.name, step.kind, &step.command, end),
                     end,
-                ));
+                );
             }
             self.progress.step += 1;
             self.pending_start = None;
@@ -886,14 +973,10 @@ impl Follower {
         }
         let started = self.pending_start.take();
         let time = self.clamp_forward(started.map_or(first_output, |s| s.min(first_output)));
-        self.push_line(LogLine::control(
-            step.log_id,
-            StepStatus::Start,
-            &step.name,
-            step.kind,
-            &step.command,
+        self.push_line(
+            LogLine::control(step.log_id, StepStatus::Start, &step.name, step.kind, &step.command, time),
             time,
-        ));
+        );
         self.progress.started = true;
     }
 
@@ -902,16 +985,22 @@ impl Follower {
             Ok(s) => s,
             Err(e) => String::from_utf8_lossy(e.as_bytes()).into_owned(),
         };
-        self.push_line(LogLine::data(step.log_id, content, time));
+        self.note_time(time);
+        if let Some(log) = self.log.as_mut() {
+            log.push_data(step.log_id, &content, time);
+        }
     }
 
-    fn push_line(&mut self, line: LogLine) {
-        if let Ok(t) = line.time.parse::<jiff::Timestamp>() {
-            self.progress.last_time = Some(self.progress.last_time.map_or(t, |l| l.max(t)));
-        }
+    /// `line` was built with `time`.
+    fn push_line(&mut self, line: LogLine, time: jiff::Timestamp) {
+        self.note_time(time);
         if let Some(log) = self.log.as_mut() {
             log.push(&line);
         }
+    }
+
+    fn note_time(&mut self, t: jiff::Timestamp) {
+        self.progress.last_time = Some(self.progress.last_time.map_or(t, |l| l.max(t)));
     }
 
     fn clamp_forward(&self, t: jiff::Timestamp) -> jiff::Timestamp {
@@ -1083,6 +1172,38 @@ mod tests {
             ctl(test, StepStatus::End, "2026-11-21T12:02:44Z"),
         ]
         .concat()
+    }
+
+    #[test]
+    fn timestamp_prefixes_parse_exactly_like_jiff() {
+        let inputs = [
+            "2026-11-21T12:02:43.029070389Z",
+            "2026-11-21T12:02:43.1Z",
+            "2026-11-21T12:02:43Z",
+            "2026-11-21T12:02:43.000000000Z",
+            "2026-11-21T12:02:43.0290703891Z",
+            "2026-11-21T12:02:43.Z",
+            "2026-11-21T12:02:43.12a4Z",
+            "2026-11-21T12:02:43,5Z",
+            "2026-11-21T12:02:43.5+02:00",
+            "2026-11-21T12:02:43.5z",
+            "2026-11-21T12:02:44.999999999Z",
+            "2016-12-31T23:59:60.5Z",
+            "2016-12-31T23:59:60.7Z",
+            "1969-12-31T23:59:59.5Z",
+            "1969-12-31T23:59:59.25Z",
+            "garbage",
+            "2026-11-21T12:02:43",
+            "",
+        ];
+        let mut shared = TsParser::default();
+        for round in 0..2 {
+            for input in inputs {
+                let want: Option<jiff::Timestamp> = input.parse().ok();
+                assert_eq!(shared.parse(input.as_bytes()), want, "{input} (round {round})");
+                assert_eq!(TsParser::default().parse(input.as_bytes()), want, "{input}");
+            }
+        }
     }
 
     #[test]

@@ -98,6 +98,19 @@ impl LogHub {
         }
     }
 
+    /// Publish the chunk `make` builds, building it only when someone watches `key`: with no
+    /// viewer (the common case) the writer skips copying every chunk. A viewer that subscribes
+    /// after this check subscribed after the bytes were appended to the file, so its file read
+    /// covers them.
+    pub fn publish_with(&self, key: &str, make: impl FnOnce() -> Appended) {
+        let topics = self.topics.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(t) = topics.get(key)
+            && t.lines.receiver_count() > 0
+        {
+            let _ = t.lines.send(make());
+        }
+    }
+
     /// Mark a follower as writing `key`.
     pub fn writer_active(&self, key: &str) {
         self.with_topic(key, |t| t.writer.send_replace(Writer::Active));

@@ -163,17 +163,76 @@ pub fn go_time(t: jiff::Timestamp) -> String {
         // borrowed the second.
         nanos = 1_000_000_000 - nanos;
     }
-    if nanos > 0 {
-        let mut digits = 9;
-        while nanos.is_multiple_of(10) {
-            nanos /= 10;
-            digits -= 1;
-        }
-        s.push('.');
-        push_digits(&mut s, nanos, digits);
+    let (fraction, len) = fraction_bytes(nanos);
+    for &b in &fraction[..len] {
+        s.push(b as char);
     }
     s.push('Z');
     s
+}
+
+/// `.` and the fraction digits of `nanos` without trailing zeros; empty for 0.
+fn fraction_bytes(mut nanos: u32) -> ([u8; 10], usize) {
+    let mut buf = [b'.'; 10];
+    if nanos == 0 {
+        return (buf, 0);
+    }
+    let mut digits = 9;
+    while nanos.is_multiple_of(10) {
+        nanos /= 10;
+        digits -= 1;
+    }
+    for i in (1..=digits).rev() {
+        buf[i] = b'0' + (nanos % 10) as u8;
+        nanos /= 10;
+    }
+    (buf, digits + 1)
+}
+
+/// Encodes data lines straight into a buffer: exactly the bytes of
+/// `LogLine::data(step_id, content, time).encode_into(out)`, without building the LogLine (two
+/// allocations) and formatting each second of `time` once, since consecutive lines of a step
+/// mostly share it. The follower encodes every output line through this.
+#[derive(Debug, Default)]
+pub struct DataLineEncoder {
+    /// The last second formatted and its text up to the fraction.
+    second: Option<(i64, String)>,
+}
+
+impl DataLineEncoder {
+    pub fn encode(&mut self, out: &mut Vec<u8>, step_id: i64, content: &str, time: jiff::Timestamp) {
+        out.extend_from_slice(b"{\"kind\":\"data\",\"content\":");
+        write_json_string(out, content);
+        out.extend_from_slice(b",\"time\":\"");
+        self.write_time(out, time);
+        out.extend_from_slice(b"\",\"step_id\":");
+        // Writing to a Vec cannot fail.
+        let _ = std::io::Write::write_fmt(out, format_args!("{step_id}"));
+        out.extend_from_slice(b",\"stream\":\"stdout\"}");
+    }
+
+    /// [`go_time`] of `t` (its text never needs JSON escaping).
+    fn write_time(&mut self, out: &mut Vec<u8>, t: jiff::Timestamp) {
+        let nanos = t.subsec_nanosecond();
+        let second = t.as_second();
+        let whole = match jiff::Timestamp::from_second(second) {
+            Ok(w) if nanos >= 0 => w,
+            // Before the epoch the fraction is negative and borrows from the civil second.
+            _ => return out.extend_from_slice(go_time(t).as_bytes()),
+        };
+        let prefix = match &self.second {
+            Some((s, prefix)) if *s == second => prefix,
+            _ => {
+                let mut text = go_time(whole);
+                text.pop(); // the `Z`
+                &self.second.insert((second, text)).1
+            }
+        };
+        out.extend_from_slice(prefix.as_bytes());
+        let (fraction, len) = fraction_bytes(nanos.unsigned_abs());
+        out.extend_from_slice(&fraction[..len]);
+        out.push(b'Z');
+    }
 }
 
 fn push_digits(s: &mut String, mut v: u32, width: usize) {
@@ -200,6 +259,18 @@ pub fn write_json_string(out: &mut Vec<u8>, s: &str) {
     let mut start = 0;
     let mut i = 0;
     while i < bytes.len() {
+        // Most output needs no escaping: skip it eight bytes at a time.
+        while i + 8 <= bytes.len() {
+            let mut word = [0u8; 8];
+            word.copy_from_slice(&bytes[i..i + 8]);
+            if !plain_word(u64::from_le_bytes(word)) {
+                break;
+            }
+            i += 8;
+        }
+        if i >= bytes.len() {
+            break;
+        }
         let b = bytes[i];
         if !NEEDS_ESCAPE[b as usize] {
             i += 1;
@@ -247,6 +318,20 @@ pub fn write_json_string(out: &mut Vec<u8>, s: &str) {
     }
     out.extend_from_slice(&bytes[start..]);
     out.push(b'"');
+}
+
+const ONES: u64 = 0x0101_0101_0101_0101;
+const HIGHS: u64 = 0x8080_8080_8080_8080;
+
+/// Whether none of the 8 bytes of `w` is in [`NEEDS_ESCAPE`] (SWAR: a byte below `n` or equal to
+/// `c` sets its high bit in `less`/`zero`; exact whenever any byte qualifies).
+fn plain_word(w: u64) -> bool {
+    let less = |n: u8| w.wrapping_sub(ONES * u64::from(n)) & !w & HIGHS;
+    let zero = |c: u8| {
+        let v = w ^ (ONES * u64::from(c));
+        v.wrapping_sub(ONES) & !v & HIGHS
+    };
+    less(0x20) | zero(b'"') | zero(b'\\') | zero(b'<') | zero(b'>') | zero(b'&') | zero(0xe2) == 0
 }
 
 /// Bytes that may need escaping: controls, `"`, `\`, `<`, `>`, `&`, and 0xe2 (the first byte of
@@ -334,5 +419,53 @@ mod tests {
             serde_json::from_str::<LogLine>(r#"{"kind":"data","content":"","time":"yesterday","step_id":0}"#)
                 .is_err()
         );
+    }
+
+    #[test]
+    fn data_line_encoder_writes_exactly_what_log_line_writes() {
+        let mut enc = DataLineEncoder::default();
+        let times = [
+            "2026-11-21T12:00:00.123456789Z",
+            "2026-11-21T12:00:00.5Z",
+            "2026-11-21T12:00:00Z",
+            "2026-11-21T12:00:00.000000001Z",
+            "2026-11-21T12:00:01.10Z",
+            "2026-11-21T12:00:00.9Z",
+            "1969-12-31T23:59:59.5Z",
+            "1969-12-31T23:59:59Z",
+            "0001-01-01T00:00:00Z",
+            "9999-12-01T23:59:59.999999999Z",
+        ];
+        let contents = ["", "plain", "a <b> & \"c\"\u{2028}\u{1}é\t\u{1b}[0m", "***"];
+        for (i, t) in times.iter().enumerate() {
+            let t: jiff::Timestamp = t.parse().expect("ts");
+            for (j, c) in contents.iter().enumerate() {
+                let step = (i * j) as i64 - 3;
+                let mut out = b"prefix".to_vec();
+                enc.encode(&mut out, step, c, t);
+                let mut want = b"prefix".to_vec();
+                LogLine::data(step, *c, t).encode_into(&mut want);
+                assert_eq!(String::from_utf8(out).expect("utf8"), String::from_utf8(want).expect("utf8"));
+            }
+        }
+    }
+
+    #[test]
+    fn word_skip_agrees_with_the_escape_table() {
+        for b in 0..=255u8 {
+            for pos in 0..8 {
+                let mut word = *b"abcdefgh";
+                word[pos] = b;
+                assert_eq!(
+                    plain_word(u64::from_le_bytes(word)),
+                    !NEEDS_ESCAPE[b as usize],
+                    "byte {b:#x} at {pos}"
+                );
+            }
+        }
+        let s = "0123456789abcdef<0123456789abcdef\u{2028}0123456\u{1}\"";
+        let mut out = Vec::new();
+        write_json_string(&mut out, s);
+        assert_eq!(out, br#""0123456789abcdef\u003c0123456789abcdef\u20280123456\u0001\"""#);
     }
 }
