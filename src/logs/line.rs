@@ -254,28 +254,15 @@ const HEX: &[u8; 16] = b"0123456789abcdef";
 /// A JSON string as Go escapes it: `"`, `\` and control characters, plus `<`, `>`, `&`, U+2028
 /// and U+2029 as `\uXXXX` (HTML-safe encoding, Go's default).
 pub fn write_json_string(out: &mut Vec<u8>, s: &str) {
+    out.reserve(s.len() + 2);
     out.push(b'"');
     let bytes = s.as_bytes();
     let mut start = 0;
     let mut i = 0;
-    while i < bytes.len() {
-        // Most output needs no escaping: skip it eight bytes at a time.
-        while i + 8 <= bytes.len() {
-            let mut word = [0u8; 8];
-            word.copy_from_slice(&bytes[i..i + 8]);
-            if !plain_word(u64::from_le_bytes(word)) {
-                break;
-            }
-            i += 8;
-        }
-        if i >= bytes.len() {
-            break;
-        }
+    // Jump from one byte that may need escaping to the next; plain runs are copied whole.
+    while let Some(at) = next_escape(bytes, i) {
+        i = at;
         let b = bytes[i];
-        if !NEEDS_ESCAPE[b as usize] {
-            i += 1;
-            continue;
-        }
         let escape: Option<&[u8]> = match b {
             b'"' => Some(b"\\\""),
             b'\\' => Some(b"\\\\"),
@@ -320,18 +307,41 @@ pub fn write_json_string(out: &mut Vec<u8>, s: &str) {
     out.push(b'"');
 }
 
+/// The first index at or after `from` whose byte is in [`NEEDS_ESCAPE`]: eight bytes per step,
+/// then straight to the flagged byte (the lowest flag of [`escape_flags`] is exact).
+fn next_escape(bytes: &[u8], from: usize) -> Option<usize> {
+    let mut i = from;
+    while let Some(word) = bytes.get(i..).and_then(|rest| rest.first_chunk::<8>()) {
+        let flags = escape_flags(u64::from_le_bytes(*word));
+        if flags != 0 {
+            return Some(i + (flags.trailing_zeros() / 8) as usize);
+        }
+        i += 8;
+    }
+    let tail = bytes.get(i..)?;
+    tail.iter().position(|&b| NEEDS_ESCAPE[b as usize]).map(|p| i + p)
+}
+
 const ONES: u64 = 0x0101_0101_0101_0101;
 const HIGHS: u64 = 0x8080_8080_8080_8080;
 
-/// Whether none of the 8 bytes of `w` is in [`NEEDS_ESCAPE`] (SWAR: a byte below `n` or equal to
-/// `c` sets its high bit in `less`/`zero`; exact whenever any byte qualifies).
-fn plain_word(w: u64) -> bool {
+/// High bit of each byte of `w` that may be in [`NEEDS_ESCAPE`] (SWAR: a byte below `n` or equal
+/// to `c` sets its high bit in `less`/`zero`). Borrows only carry upwards out of a byte that
+/// qualifies, so the lowest flag is always exact and the result is zero exactly when no byte
+/// qualifies.
+fn escape_flags(w: u64) -> u64 {
     let less = |n: u8| w.wrapping_sub(ONES * u64::from(n)) & !w & HIGHS;
     let zero = |c: u8| {
         let v = w ^ (ONES * u64::from(c));
         v.wrapping_sub(ONES) & !v & HIGHS
     };
-    less(0x20) | zero(b'"') | zero(b'\\') | zero(b'<') | zero(b'>') | zero(b'&') | zero(0xe2) == 0
+    less(0x20) | zero(b'"') | zero(b'\\') | zero(b'<') | zero(b'>') | zero(b'&') | zero(0xe2)
+}
+
+/// Whether none of the 8 bytes of `w` is in [`NEEDS_ESCAPE`].
+#[cfg(test)]
+fn plain_word(w: u64) -> bool {
+    escape_flags(w) == 0
 }
 
 /// Bytes that may need escaping: controls, `"`, `\`, `<`, `>`, `&`, and 0xe2 (the first byte of
@@ -461,6 +471,22 @@ mod tests {
                     !NEEDS_ESCAPE[b as usize],
                     "byte {b:#x} at {pos}"
                 );
+            }
+        }
+        // The lowest flag names the first byte needing escape, whatever follows it.
+        for first in 0..8 {
+            for b in (0..=255u8).filter(|b| NEEDS_ESCAPE[*b as usize]) {
+                for after in [0u8, b'"', 0xe2, b'a', 0xff] {
+                    let mut word = [after; 8];
+                    word[..first].fill(b'a');
+                    word[first] = b;
+                    let flags = escape_flags(u64::from_le_bytes(word));
+                    assert_eq!(
+                        flags.trailing_zeros() / 8,
+                        first as u32,
+                        "byte {b:#x} at {first}, then {after:#x}"
+                    );
+                }
             }
         }
         let s = "0123456789abcdef<0123456789abcdef\u{2028}0123456\u{1}\"";
