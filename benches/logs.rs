@@ -102,7 +102,8 @@ fn ingest() -> f64 {
     for round in 0..5 {
         let path = tmp.path().join(format!("bench-{round}.log"));
         let hub = LogHub::new(64);
-        let mut log = RunLog::new(LogFile::open(&path, 0).expect("open"), hub, "bench.log".into());
+        let mut log = RunLog::new(LogFile::open(&path, 0).expect("open"), hub, "bench.log".into())
+            .expect("writer thread");
         let mut asm = LineAssembler::new(32 * 1024, Masker::new(secrets), true);
         let started = Instant::now();
         let mut lines = 0u64;
@@ -116,6 +117,9 @@ fn ingest() -> f64 {
             });
             log.flush().expect("flush");
         }
+        // Everything written before the clock stops.
+        let runtime = tokio::runtime::Builder::new_current_thread().build().expect("runtime");
+        runtime.block_on(log.sync()).expect("sync");
         let secs = started.elapsed().as_secs_f64();
         let text = std::fs::read(&path).expect("read back");
         for s in secrets {
@@ -151,7 +155,8 @@ async fn viewer_latency(viewers: usize) -> (usize, Duration, Duration) {
         .await
         .expect("status");
     hub.writer_active(&key);
-    let mut log = RunLog::new(LogFile::open(&dir.join(&key), 0).expect("open"), hub.clone(), key.clone());
+    let mut log = RunLog::new(LogFile::open(&dir.join(&key), 0).expect("open"), hub.clone(), key.clone())
+        .expect("writer thread");
 
     let epoch = Instant::now();
     let samples = Arc::new(Mutex::new(Vec::<Duration>::new()));

@@ -111,6 +111,13 @@ async fn finished_workflow_replays_the_file_then_closes_1000() {
     assert_eq!((code, reason.as_str()), (1000, "log stream complete"));
 }
 
+/// Append one fixture line the way the follower does and wait until it is written and published.
+async fn push(w: &mut RunLog, line: &str) {
+    let parsed: LogLine = serde_json::from_str(line).expect("fixture line");
+    w.push(&parsed);
+    w.sync().await.expect("written");
+}
+
 #[tokio::test]
 async fn live_workflow_streams_appended_lines_and_closes_when_final_and_drained() {
     let s = server(64, Duration::from_secs(30)).await;
@@ -118,28 +125,23 @@ async fn live_workflow_streams_appended_lines_and_closes_when_final_and_drained(
     let log: Vec<String> = fixture_log().lines().map(str::to_owned).collect();
     set_status(&s, StatusKind::Running).await;
     let file = LogFile::open(&s.dir.join(&key), 0).expect("open");
-    let mut writer = RunLog::new(file, s.hub.clone(), key.clone());
+    let mut writer = RunLog::new(file, s.hub.clone(), key.clone()).expect("writer thread");
     s.hub.writer_active(&key);
-    let push = |w: &mut RunLog, line: &str| {
-        let parsed: LogLine = serde_json::from_str(line).expect("fixture line");
-        w.push(&parsed);
-        w.flush().expect("flush");
-    };
-    push(&mut writer, &log[0]);
-    push(&mut writer, &log[1]);
+    push(&mut writer, &log[0]).await;
+    push(&mut writer, &log[1]).await;
 
     let mut ws = connect(&s, &id()).await;
     assert_eq!(next_text(&mut ws).await, log[0]);
     assert_eq!(next_text(&mut ws).await, log[1]);
     // Lines appended while connected arrive.
     for line in &log[2..6] {
-        push(&mut writer, line);
+        push(&mut writer, line).await;
         assert_eq!(&next_text(&mut ws).await, line);
     }
     // The status becomes final while the follower still writes: the rest must still come.
     set_status(&s, StatusKind::Success).await;
     for line in &log[6..] {
-        push(&mut writer, line);
+        push(&mut writer, line).await;
     }
     s.hub.writer_done(&key);
     let (texts, code, reason) = read_all(&mut ws).await;
@@ -159,10 +161,11 @@ async fn live_viewer_waits_for_the_file_and_gets_pinged() {
     // The file appears once the follower starts.
     s.hub.writer_active(&key);
     let mut writer =
-        RunLog::new(LogFile::open(&s.dir.join(&key), 0).expect("open"), s.hub.clone(), key.clone());
+        RunLog::new(LogFile::open(&s.dir.join(&key), 0).expect("open"), s.hub.clone(), key.clone())
+            .expect("writer thread");
     let line: LogLine = serde_json::from_str(fixture_log().lines().next().expect("line")).expect("parse");
     writer.push(&line);
-    writer.flush().expect("flush");
+    writer.sync().await.expect("written");
     assert_eq!(next_text(&mut ws).await, line.to_json());
     set_status(&s, StatusKind::Cancelled).await;
     s.hub.writer_done(&key);
@@ -209,13 +212,13 @@ async fn failed_with_only_an_empty_log_file_still_shows_the_error() {
     let key = id().log_file_name();
     set_status(&s, StatusKind::Running).await;
     let file = LogFile::open(&s.dir.join(&key), 0).expect("the follower opens the file");
-    let mut writer = RunLog::new(file, s.hub.clone(), key.clone());
+    let mut writer = RunLog::new(file, s.hub.clone(), key.clone()).expect("writer thread");
     s.hub.writer_active(&key);
     let mut live = connect(&s, &id()).await;
 
     let failed = StatusRecord::new(&id(), StatusKind::Failed, jiff::Timestamp::now()).with_error(ERROR, -1);
     s.store.append_status(failed).await.expect("status");
-    writer.flush().expect("flush");
+    writer.sync().await.expect("written");
     s.hub.writer_done(&key);
     assert_eq!(std::fs::metadata(s.dir.join(&key)).expect("file").len(), 0, "nothing was written");
 
@@ -263,7 +266,8 @@ async fn a_slow_viewer_is_dropped_without_holding_up_the_writer() {
     let mut ws = connect(&s, &id()).await;
     // Make sure the viewer is subscribed before writing.
     let mut writer =
-        RunLog::new(LogFile::open(&s.dir.join(&key), 0).expect("open"), s.hub.clone(), key.clone());
+        RunLog::new(LogFile::open(&s.dir.join(&key), 0).expect("open"), s.hub.clone(), key.clone())
+            .expect("writer thread");
     let first = LogLine::data(1, "first", jiff::Timestamp::now());
     writer.push(&first);
     writer.flush().expect("flush");
@@ -276,6 +280,7 @@ async fn a_slow_viewer_is_dropped_without_holding_up_the_writer() {
         writer.push(&LogLine::data(1, big.clone(), jiff::Timestamp::now()));
         writer.flush().expect("flush");
     }
+    writer.sync().await.expect("written");
     let mut code = None;
     while let Ok(Some(Ok(msg))) = tokio::time::timeout(Duration::from_secs(20), ws.next()).await {
         if let Message::Close(frame) = msg {

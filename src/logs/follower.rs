@@ -365,20 +365,38 @@ impl LineAssembler {
 // ---------------------------------------------------------------------------------------------
 // Writing: LogLines → file + hub.
 
-/// The write side of one workflow's log: encoded lines are batched, appended to the file and then
-/// published to viewers (file first, so a viewer reading the file never misses a published line).
+/// The write side of one workflow's log: encoded lines are batched and handed to a writer thread
+/// that appends them to the file and then publishes them to viewers (file first, so a viewer
+/// reading the file never misses a published line). Encoding and writing thus run on two cores;
+/// the bounded queue keeps the encoder at most [`WRITE_QUEUE`] batches ahead, and [`RunLog::sync`]
+/// waits for everything queued, so a saved position never covers bytes not yet written.
 #[derive(Debug)]
 pub struct RunLog {
-    file: LogFile,
-    hub: LogHub,
-    key: String,
     buf: Vec<u8>,
     data: DataLineEncoder,
+    tx: std::sync::mpsc::SyncSender<WriteMsg>,
+}
+
+/// Batches the encoder may queue ahead of the writer.
+const WRITE_QUEUE: usize = 8;
+const BATCH: usize = 64 * 1024;
+
+#[derive(Debug)]
+enum WriteMsg {
+    Batch(Vec<u8>),
+    /// Reply with the file offset once everything before is written, or the first write error.
+    Sync(tokio::sync::oneshot::Sender<Result<u64, LogError>>),
 }
 
 impl RunLog {
-    pub fn new(file: LogFile, hub: LogHub, key: String) -> Self {
-        RunLog { file, hub, key, buf: Vec::with_capacity(64 * 1024), data: DataLineEncoder::default() }
+    pub fn new(file: LogFile, hub: LogHub, key: String) -> Result<Self, LogError> {
+        let (tx, rx) = std::sync::mpsc::sync_channel(WRITE_QUEUE);
+        let path = file.path().to_path_buf();
+        std::thread::Builder::new()
+            .name("bobbin-log-writer".into())
+            .spawn(move || write_batches(file, hub, key, rx))
+            .map_err(|e| LogError::File { path, source: e })?;
+        Ok(RunLog { buf: Vec::with_capacity(BATCH), data: DataLineEncoder::default(), tx })
     }
 
     /// Queue one line.
@@ -393,24 +411,56 @@ impl RunLog {
         self.buf.push(b'\n');
     }
 
-    /// Write queued lines and publish them.
+    /// Hand queued lines to the writer (waits while the writer is [`WRITE_QUEUE`] batches behind).
     pub fn flush(&mut self) -> Result<(), LogError> {
         if self.buf.is_empty() {
             return Ok(());
         }
-        let offset = self.file.append(&self.buf)?;
-        let metrics = self.hub.metrics();
-        metrics.lines_written.inc_by(memchr::memchr_iter(b'\n', &self.buf).count() as u64);
-        metrics.bytes_written.inc_by(self.buf.len() as u64);
-        let buf = &self.buf;
-        self.hub.publish_with(&self.key, || Appended { offset, bytes: Arc::from(buf.as_slice()) });
-        self.buf.clear();
-        Ok(())
+        let batch = std::mem::replace(&mut self.buf, Vec::with_capacity(BATCH));
+        self.tx.send(WriteMsg::Batch(batch)).map_err(|_| writer_gone())
     }
 
-    /// Bytes in the file (queued lines not included).
-    pub fn offset(&self) -> u64 {
-        self.file.offset()
+    /// Flush, wait until every queued line is in the file, and return the file's end offset (or
+    /// the first write error).
+    pub async fn sync(&mut self) -> Result<u64, LogError> {
+        self.flush()?;
+        let (reply, done) = tokio::sync::oneshot::channel();
+        self.tx.send(WriteMsg::Sync(reply)).map_err(|_| writer_gone())?;
+        done.await.map_err(|_| writer_gone())?
+    }
+}
+
+fn writer_gone() -> LogError {
+    LogError::Invalid("the log writer thread stopped".into())
+}
+
+/// The writer thread: append, count, publish; after a failed write, drop batches and report the
+/// error at the next sync. Ends when the [`RunLog`] is dropped.
+fn write_batches(mut file: LogFile, hub: LogHub, key: String, rx: std::sync::mpsc::Receiver<WriteMsg>) {
+    let mut failed: Option<LogError> = None;
+    while let Ok(msg) = rx.recv() {
+        match msg {
+            WriteMsg::Batch(buf) => {
+                if failed.is_some() {
+                    continue;
+                }
+                match file.append(&buf) {
+                    Ok(offset) => {
+                        let metrics = hub.metrics();
+                        metrics.lines_written.inc_by(memchr::memchr_iter(b'\n', &buf).count() as u64);
+                        metrics.bytes_written.inc_by(buf.len() as u64);
+                        hub.publish_with(&key, || Appended { offset, bytes: Arc::from(buf.as_slice()) });
+                    }
+                    Err(e) => failed = Some(e),
+                }
+            }
+            WriteMsg::Sync(reply) => {
+                let _ = reply.send(match failed.take() {
+                    Some(e) => Err(e),
+                    None => Ok(file.offset()),
+                });
+            }
+        }
     }
 }
 
@@ -520,13 +570,14 @@ impl Follower {
             Err(e) => return Err(e),
         };
         self.progress = progress;
-        self.log = Some(RunLog::new(file, self.hub.clone(), key.clone()));
+        self.log = Some(RunLog::new(file, self.hub.clone(), key.clone())?);
         self.hub.writer_active(&key);
         self.persist(true).await?;
 
         let result = self.follow_all().await;
         if let Some(log) = self.log.as_mut() {
-            let _ = log.flush();
+            // Every line is written and published before the writer is reported done.
+            let _ = log.sync().await;
         }
         if result.is_ok() {
             self.progress.done = true;
@@ -1020,15 +1071,15 @@ impl Follower {
             return Ok(());
         }
         // The saved offset must cover every line the saved progress accounts for.
-        self.flush()?;
-        let Some(log) = self.log.as_ref() else { return Ok(()) };
+        let Some(log) = self.log.as_mut() else { return Ok(()) };
+        let file_offset = log.sync().await?;
         let state = serde_json::to_string(&self.progress)
             .map_err(|e| LogError::Invalid(format!("encoding the log position: {e}")))?;
         self.store
             .save_log_position(LogPosition {
                 log_file: self.target.log_file(),
                 run_uid: self.target.run_uid.clone(),
-                file_offset: log.offset(),
+                file_offset,
                 state,
                 done: self.progress.done,
             })
