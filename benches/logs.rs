@@ -111,9 +111,7 @@ fn ingest() -> f64 {
         for chunk in input.chunks(64 * 1024) {
             asm.push(chunk, &mut |seg| {
                 let time = seg.ts.unwrap_or_else(jiff::Timestamp::now);
-                let content = String::from_utf8(seg.content)
-                    .unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned());
-                log.push(&LogLine::data(3, content, time));
+                log.push_data(3, &seg.content, time);
                 lines += 1;
             });
             log.flush().expect("flush");

@@ -18,6 +18,7 @@
 //! a resumed follower masks exactly like the first one; a missing Secret means the steps could not
 //! have started with it either.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
@@ -131,13 +132,14 @@ pub struct Progress {
 // ---------------------------------------------------------------------------------------------
 // Line assembly: bytes → (timestamp, masked content) segments.
 
-/// A piece of one kubelet line: the whole line, or a part of an over-long one.
+/// A piece of one kubelet line: the whole line, or a part of an over-long one. Its content
+/// borrows the bytes being assembled when no secret had to be masked out of it.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Segment {
+pub struct Segment<'a> {
     /// The kubelet timestamp of the line (absent when the prefix is missing or malformed).
     pub ts: Option<jiff::Timestamp>,
     /// Masked content, trailing `\r` removed.
-    pub content: Vec<u8>,
+    pub content: Cow<'a, [u8]>,
     /// First piece of its line.
     pub first: bool,
     /// Last piece of its line.
@@ -151,6 +153,7 @@ pub struct LineAssembler {
     cap: usize,
     masker: Masker,
     timestamps: bool,
+    /// The unfinished end of what was pushed (never a complete line).
     pending: Vec<u8>,
     /// Segments of the current line were already emitted.
     in_line: bool,
@@ -227,15 +230,29 @@ impl LineAssembler {
         }
     }
 
-    /// Feed bytes; complete pieces go to `sink`.
-    pub fn push(&mut self, bytes: &[u8], sink: &mut impl FnMut(Segment)) {
-        self.pending.extend_from_slice(bytes);
+    /// Feed bytes; complete pieces go to `sink`. Complete lines are read in place: only the
+    /// unfinished end of `bytes` is copied (and joined with the next push).
+    pub fn push(&mut self, bytes: &[u8], sink: &mut impl FnMut(Segment<'_>)) {
+        let mut pending = std::mem::take(&mut self.pending);
+        if pending.is_empty() {
+            let used = self.scan(bytes, sink);
+            pending.extend_from_slice(&bytes[used..]);
+        } else {
+            pending.extend_from_slice(bytes);
+            let used = self.scan(&pending, sink);
+            pending.drain(..used);
+        }
+        self.pending = pending;
+    }
+
+    /// Emit every complete piece at the start of `buf`; returns how many bytes they used.
+    fn scan(&mut self, buf: &[u8], sink: &mut impl FnMut(Segment<'_>)) -> usize {
         let mut at = 0;
         // The next secret occurrence, searched once for many lines (see `line_is_clean`).
         let mut hit = None;
         loop {
             if self.timestamps && !self.prefix_done {
-                let rest = &self.pending[at..];
+                let rest = &buf[at..];
                 match memchr::memchr2(b' ', b'\n', &rest[..rest.len().min(MAX_PREFIX)]) {
                     Some(i) if rest[i] == b' ' => {
                         let parsed = self.ts_parser.parse(&rest[..i]);
@@ -256,7 +273,7 @@ impl LineAssembler {
                     None => break,
                 }
             }
-            let rest = &self.pending[at..];
+            let rest = &buf[at..];
             if let Some(i) = memchr::memchr(b'\n', rest) {
                 let mut end = i;
                 while end > 0 && rest[end - 1] == b'\r' {
@@ -267,17 +284,17 @@ impl LineAssembler {
                     // every occurrence is visible to the cut).
                     let cut = self.masker.safe_cut(&rest[..end], self.cap).max(1);
                     if cut < end {
-                        let content = self.masker.mask(&rest[..cut]).into_owned();
+                        let content = self.masker.mask(&rest[..cut]);
                         sink(Segment { ts: self.ts, content, first: !self.in_line, last: false });
                         at += cut;
                         self.in_line = true;
                         continue;
                     }
                 }
-                let content = if self.line_is_clean(&mut hit, at, at + end) {
-                    rest[..end].to_vec()
+                let content = if self.line_is_clean(buf, &mut hit, at, at + end) {
+                    Cow::Borrowed(&rest[..end])
                 } else {
-                    self.masker.mask(&rest[..end]).into_owned()
+                    self.masker.mask(&rest[..end])
                 };
                 sink(Segment { ts: self.ts, content, first: !self.in_line, last: true });
                 at += i + 1;
@@ -287,7 +304,7 @@ impl LineAssembler {
             }
             if rest.len() >= self.cap.saturating_add(self.masker.longest()) {
                 let cut = self.masker.safe_cut(rest, self.cap).max(1);
-                let content = self.masker.mask(&rest[..cut]).into_owned();
+                let content = self.masker.mask(&rest[..cut]);
                 sink(Segment { ts: self.ts, content, first: !self.in_line, last: false });
                 at += cut;
                 self.in_line = true;
@@ -295,11 +312,11 @@ impl LineAssembler {
             }
             break;
         }
-        self.pending.drain(..at);
+        at
     }
 
     /// The stream ended: emit what is left as the last piece of its line.
-    pub fn finish(&mut self, sink: &mut impl FnMut(Segment)) {
+    pub fn finish(&mut self, sink: &mut impl FnMut(Segment<'_>)) {
         if self.timestamps && !self.prefix_done && !self.pending.is_empty() {
             if let Some(i) = memchr::memchr(b' ', &self.pending) {
                 let parsed = self.ts_parser.parse(&self.pending[..i]);
@@ -316,20 +333,21 @@ impl LineAssembler {
             while end > 0 && self.pending[end - 1] == b'\r' {
                 end -= 1;
             }
-            let content = self.masker.mask(&self.pending[..end]).into_owned();
+            let content = self.masker.mask(&self.pending[..end]);
             sink(Segment { ts: self.ts, content, first: !self.in_line, last: true });
         }
         self.reset();
     }
 
-    /// Whether `pending[start..end]` certainly holds no secret, so masking it would change
-    /// nothing. `hit` caches `(searched from, first occurrence from there)` across the lines of
-    /// one `push`: the occurrence that ends first after `from` starts before the end of any
-    /// range after `from` that holds an occurrence ([`Masker::first_match`]), so every line
-    /// ending at or before its start is clean and one search serves all of them. Lines it does
-    /// not clear are masked as usual.
+    /// Whether `buf[start..end]` certainly holds no secret, so masking it would change nothing.
+    /// `hit` caches `(searched from, first occurrence from there)` across the lines of one
+    /// scan: the occurrence that ends first after `from` starts before the end of any range
+    /// after `from` that holds an occurrence ([`Masker::first_match`]), so every line ending at
+    /// or before its start is clean and one search serves all of them. Lines it does not clear
+    /// are masked as usual.
     fn line_is_clean(
         &self,
+        buf: &[u8],
         hit: &mut Option<(usize, Option<(usize, usize)>)>,
         start: usize,
         end: usize,
@@ -339,7 +357,7 @@ impl LineAssembler {
         }
         let valid = hit.is_some_and(|(from, m)| from <= start && m.is_none_or(|(s, _)| s >= start));
         if !valid {
-            let found = self.masker.first_match(&self.pending[start..]).map(|(s, e)| (start + s, start + e));
+            let found = self.masker.first_match(&buf[start..]).map(|(s, e)| (start + s, start + e));
             *hit = Some((start, found));
         }
         match hit {
@@ -365,25 +383,74 @@ impl LineAssembler {
 // ---------------------------------------------------------------------------------------------
 // Writing: LogLines → file + hub.
 
-/// The write side of one workflow's log: encoded lines are batched and handed to a writer thread
-/// that appends them to the file and then publishes them to viewers (file first, so a viewer
-/// reading the file never misses a published line). Encoding and writing thus run on two cores;
-/// the bounded queue keeps the encoder at most [`WRITE_QUEUE`] batches ahead, and [`RunLog::sync`]
-/// waits for everything queued, so a saved position never covers bytes not yet written.
+/// The write side of one workflow's log. The follower queues lines into a [`Batch`] (data line
+/// contents as they came, masked; other lines already encoded); a writer thread encodes the
+/// batch, appends it to the file and then publishes it to viewers (file first, so a viewer
+/// reading the file never misses a published line). Reading and assembling the stream and
+/// encoding and writing thus run on two cores. The bounded queue keeps the follower at most
+/// [`WRITE_QUEUE`] batches ahead, and [`RunLog::sync`] waits for everything queued, so a saved
+/// position never covers bytes not yet written.
 #[derive(Debug)]
 pub struct RunLog {
-    buf: Vec<u8>,
-    data: DataLineEncoder,
+    batch: Batch,
     tx: std::sync::mpsc::SyncSender<WriteMsg>,
+    /// Batches the writer is done with, to be filled again (their buffers keep their capacity).
+    recycled: tokio::sync::mpsc::UnboundedReceiver<Batch>,
 }
 
-/// Batches the encoder may queue ahead of the writer.
+/// Batches the follower may queue ahead of the writer.
 const WRITE_QUEUE: usize = 8;
+/// Queued bytes after which [`RunLog::should_flush`] says to hand the batch over.
 const BATCH: usize = 64 * 1024;
+
+/// Lines queued for the writer: their bytes back to back, and what each one is.
+#[derive(Debug, Default)]
+struct Batch {
+    bytes: Vec<u8>,
+    entries: Vec<Entry>,
+}
+
+#[derive(Debug)]
+enum Entry {
+    /// A data line whose content (masked, not yet checked for UTF-8) ends at `end`.
+    Data { step_id: i64, time: jiff::Timestamp, end: usize },
+    /// An encoded line (without its newline) ending at `end`.
+    Encoded { end: usize },
+}
+
+impl Batch {
+    fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    fn clear(&mut self) {
+        self.bytes.clear();
+        self.entries.clear();
+    }
+
+    /// Encode every line, each followed by `\n`, into `out`.
+    fn encode(&self, encoder: &mut DataLineEncoder, out: &mut Vec<u8>) {
+        let mut start = 0;
+        for entry in &self.entries {
+            match *entry {
+                Entry::Data { step_id, time, end } => {
+                    // Invalid UTF-8 is replaced (as Go's encoder does), never fatal.
+                    encoder.encode(out, step_id, &self.bytes[start..end], time);
+                    start = end;
+                }
+                Entry::Encoded { end } => {
+                    out.extend_from_slice(&self.bytes[start..end]);
+                    start = end;
+                }
+            }
+            out.push(b'\n');
+        }
+    }
+}
 
 #[derive(Debug)]
 enum WriteMsg {
-    Batch(Vec<u8>),
+    Batch(Batch),
     /// Reply with the file offset once everything before is written, or the first write error.
     Sync(tokio::sync::oneshot::Sender<Result<u64, LogError>>),
 }
@@ -391,32 +458,41 @@ enum WriteMsg {
 impl RunLog {
     pub fn new(file: LogFile, hub: LogHub, key: String) -> Result<Self, LogError> {
         let (tx, rx) = std::sync::mpsc::sync_channel(WRITE_QUEUE);
+        let (recycle, recycled) = tokio::sync::mpsc::unbounded_channel();
         let path = file.path().to_path_buf();
         std::thread::Builder::new()
             .name("bobbin-log-writer".into())
-            .spawn(move || write_batches(file, hub, key, rx))
+            .spawn(move || write_batches(file, hub, key, rx, recycle))
             .map_err(|e| LogError::File { path, source: e })?;
-        Ok(RunLog { buf: Vec::with_capacity(BATCH), data: DataLineEncoder::default(), tx })
+        Ok(RunLog { batch: Batch::default(), tx, recycled })
     }
 
     /// Queue one line.
     pub fn push(&mut self, line: &LogLine) {
-        line.encode_into(&mut self.buf);
-        self.buf.push(b'\n');
+        line.encode_into(&mut self.batch.bytes);
+        self.batch.entries.push(Entry::Encoded { end: self.batch.bytes.len() });
     }
 
-    /// Queue one data line; the same bytes as `push(&LogLine::data(step_id, content, time))`.
-    pub fn push_data(&mut self, step_id: i64, content: &str, time: jiff::Timestamp) {
-        self.data.encode(&mut self.buf, step_id, content, time);
-        self.buf.push(b'\n');
+    /// Queue one data line: the same bytes as `push(&LogLine::data(step_id, content, time))` for
+    /// UTF-8 content; each byte that does not begin a valid UTF-8 sequence becomes U+FFFD, as in
+    /// Go's encoder.
+    pub fn push_data(&mut self, step_id: i64, content: &[u8], time: jiff::Timestamp) {
+        self.batch.bytes.extend_from_slice(content);
+        self.batch.entries.push(Entry::Data { step_id, time, end: self.batch.bytes.len() });
+    }
+
+    /// Enough is queued that handing it over now beats collecting more.
+    pub fn should_flush(&self) -> bool {
+        self.batch.bytes.len() >= BATCH
     }
 
     /// Hand queued lines to the writer (waits while the writer is [`WRITE_QUEUE`] batches behind).
     pub fn flush(&mut self) -> Result<(), LogError> {
-        if self.buf.is_empty() {
+        if self.batch.is_empty() {
             return Ok(());
         }
-        let batch = std::mem::replace(&mut self.buf, Vec::with_capacity(BATCH));
+        let next = self.recycled.try_recv().unwrap_or_default();
+        let batch = std::mem::replace(&mut self.batch, next);
         self.tx.send(WriteMsg::Batch(batch)).map_err(|_| writer_gone())
     }
 
@@ -434,25 +510,38 @@ fn writer_gone() -> LogError {
     LogError::Invalid("the log writer thread stopped".into())
 }
 
-/// The writer thread: append, count, publish; after a failed write, drop batches and report the
-/// error at the next sync. Ends when the [`RunLog`] is dropped.
-fn write_batches(mut file: LogFile, hub: LogHub, key: String, rx: std::sync::mpsc::Receiver<WriteMsg>) {
+/// The writer thread: encode, append, count, publish, hand the batch back for reuse; after a
+/// failed write, drop batches and report the error at the next sync. Ends when the [`RunLog`]
+/// is dropped.
+fn write_batches(
+    mut file: LogFile,
+    hub: LogHub,
+    key: String,
+    rx: std::sync::mpsc::Receiver<WriteMsg>,
+    recycle: tokio::sync::mpsc::UnboundedSender<Batch>,
+) {
     let mut failed: Option<LogError> = None;
+    let mut encoder = DataLineEncoder::default();
+    let mut out = Vec::with_capacity(2 * BATCH);
     while let Ok(msg) = rx.recv() {
         match msg {
-            WriteMsg::Batch(buf) => {
-                if failed.is_some() {
-                    continue;
-                }
-                match file.append(&buf) {
-                    Ok(offset) => {
-                        let metrics = hub.metrics();
-                        metrics.lines_written.inc_by(memchr::memchr_iter(b'\n', &buf).count() as u64);
-                        metrics.bytes_written.inc_by(buf.len() as u64);
-                        hub.publish_with(&key, || Appended { offset, bytes: Arc::from(buf.as_slice()) });
+            WriteMsg::Batch(mut batch) => {
+                if failed.is_none() {
+                    out.clear();
+                    batch.encode(&mut encoder, &mut out);
+                    match file.append(&out) {
+                        Ok(offset) => {
+                            let metrics = hub.metrics();
+                            metrics.lines_written.inc_by(batch.entries.len() as u64);
+                            metrics.bytes_written.inc_by(out.len() as u64);
+                            hub.publish_with(&key, || Appended { offset, bytes: Arc::from(out.as_slice()) });
+                        }
+                        Err(e) => failed = Some(e),
                     }
-                    Err(e) => failed = Some(e),
                 }
+                batch.clear();
+                // The follower may be gone already; the batch is then simply dropped.
+                let _ = recycle.send(batch);
             }
             WriteMsg::Sync(reply) => {
                 let _ = reply.send(match failed.take() {
@@ -631,7 +720,7 @@ impl Follower {
                                     let msg = format!(
                                         "log unavailable: pod {pod} was deleted before its output could be read"
                                     );
-                                    self.write_data(&step, msg.into_bytes(), at);
+                                    self.write_data(&step, msg.as_bytes(), at);
                                 }
                                 finished = finish.or(finished);
                             }
@@ -846,23 +935,20 @@ impl Follower {
                 let mut reader = std::pin::pin!(reader);
                 let mut buf = vec![0u8; 64 * 1024];
                 loop {
-                    match tokio::time::timeout(self.settings.idle_timeout, reader.read(&mut buf)).await {
-                        Ok(Ok(0)) => break,
-                        Ok(Ok(n)) => {
+                    match self.read_some(&mut reader, &mut buf).await? {
+                        Some(Ok(0)) => break,
+                        Some(Ok(n)) => {
                             backoff = self.settings.poll_interval.min(Duration::from_millis(200));
-                            let mut segments = Vec::new();
-                            asm.push(&buf[..n], &mut |s| segments.push(s));
-                            for seg in segments {
-                                self.take_segment(step, seg, &mut skipping, &mut skip_at_ts);
-                            }
-                            self.flush()?;
+                            asm.push(&buf[..n], &mut |seg| {
+                                self.take_segment(step, seg, &mut skipping, &mut skip_at_ts)
+                            });
                             self.persist(false).await?;
                         }
-                        Ok(Err(e)) => {
+                        Some(Err(e)) => {
                             tracing::debug!(error = %e, pod = pod_name, container, "log stream broke");
                             break;
                         }
-                        Err(_) => {
+                        None => {
                             tracing::debug!(pod = pod_name, container, "log stream idle; reconnecting");
                             break;
                         }
@@ -905,6 +991,26 @@ impl Follower {
         }
     }
 
+    /// The next bytes of a log stream: `None` when it stayed idle for `idle_timeout`. Queued
+    /// lines go to the writer whenever the stream has nothing ready (and once a batch is full),
+    /// so they reach the file and viewers as soon as the step pauses, and in large batches while
+    /// it prints fast.
+    async fn read_some<R: futures::AsyncRead + Unpin>(
+        &mut self,
+        reader: &mut R,
+        buf: &mut [u8],
+    ) -> Result<Option<std::io::Result<usize>>, LogError> {
+        let ready = self.log.as_ref().is_some_and(|log| !log.should_flush());
+        if ready {
+            // Reading is cancel-safe: a read that is not ready consumes nothing.
+            if let Some(read) = futures::FutureExt::now_or_never(reader.read(buf)) {
+                return Ok(Some(read));
+            }
+        }
+        self.flush()?;
+        Ok(tokio::time::timeout(self.settings.idle_timeout, reader.read(buf)).await.ok())
+    }
+
     /// After the container terminated: read the log (not following) from the last position to
     /// EOF and write what is new. Returns false when that read failed and must be retried.
     async fn drain_terminated(
@@ -940,27 +1046,20 @@ impl Follower {
         let mut skipping = false;
         let mut buf = vec![0u8; 64 * 1024];
         loop {
-            match tokio::time::timeout(self.settings.idle_timeout, reader.read(&mut buf)).await {
-                Ok(Ok(0)) => break,
-                Ok(Ok(n)) => {
-                    let mut segments = Vec::new();
-                    asm.push(&buf[..n], &mut |s| segments.push(s));
-                    for seg in segments {
-                        self.take_segment(step, seg, &mut skipping, &mut skip_at_ts);
-                    }
-                    self.flush()?;
+            match self.read_some(&mut reader, &mut buf).await? {
+                Some(Ok(0)) => break,
+                Some(Ok(n)) => {
+                    asm.push(&buf[..n], &mut |seg| {
+                        self.take_segment(step, seg, &mut skipping, &mut skip_at_ts)
+                    });
                 }
-                Ok(Err(_)) | Err(_) => {
+                Some(Err(_)) | None => {
                     asm.reset();
                     return Ok(false);
                 }
             }
         }
-        let mut segments = Vec::new();
-        asm.finish(&mut |s| segments.push(s));
-        for seg in segments {
-            self.take_segment(step, seg, &mut skipping, &mut skip_at_ts);
-        }
+        asm.finish(&mut |seg| self.take_segment(step, seg, &mut skipping, &mut skip_at_ts));
         Ok(true)
     }
 
@@ -975,18 +1074,20 @@ impl Follower {
         if asm.mid_line() {
             // Pieces of an over-long line are out: finish it so it counts as written; the
             // kubelet's resend of the whole line is then skipped instead of duplicated.
-            let mut segments = Vec::new();
-            asm.finish(&mut |s| segments.push(s));
-            for seg in segments {
-                self.take_segment(step, seg, skipping, skip_at_ts);
-            }
+            asm.finish(&mut |seg| self.take_segment(step, seg, skipping, skip_at_ts));
         } else {
             asm.reset();
         }
     }
 
     /// Dedupe, then write one segment.
-    fn take_segment(&mut self, step: &LoggedStep, seg: Segment, skipping: &mut bool, skip_at_ts: &mut u64) {
+    fn take_segment(
+        &mut self,
+        step: &LoggedStep,
+        seg: Segment<'_>,
+        skipping: &mut bool,
+        skip_at_ts: &mut u64,
+    ) {
         if seg.first {
             *skipping = match (seg.ts, self.progress.last_ts) {
                 (Some(ts), Some(last)) if ts < last => true,
@@ -1002,7 +1103,7 @@ impl Follower {
         }
         let time = seg.ts.or(self.progress.last_time).unwrap_or_else(jiff::Timestamp::now);
         self.write_start(step, time);
-        self.write_data(step, seg.content, time);
+        self.write_data(step, &seg.content, time);
         if seg.last {
             if let Some(ts) = seg.ts {
                 if Some(ts) == self.progress.last_ts {
@@ -1031,14 +1132,10 @@ impl Follower {
         self.progress.started = true;
     }
 
-    fn write_data(&mut self, step: &LoggedStep, content: Vec<u8>, time: jiff::Timestamp) {
-        let content = match String::from_utf8(content) {
-            Ok(s) => s,
-            Err(e) => String::from_utf8_lossy(e.as_bytes()).into_owned(),
-        };
+    fn write_data(&mut self, step: &LoggedStep, content: &[u8], time: jiff::Timestamp) {
         self.note_time(time);
         if let Some(log) = self.log.as_mut() {
-            log.push_data(step.log_id, &content, time);
+            log.push_data(step.log_id, content, time);
         }
     }
 

@@ -200,14 +200,15 @@ pub struct DataLineEncoder {
 }
 
 impl DataLineEncoder {
-    pub fn encode(&mut self, out: &mut Vec<u8>, step_id: i64, content: &str, time: jiff::Timestamp) {
+    /// `content` need not be UTF-8: what is not is written as Go writes it (see
+    /// [`write_json_bytes`]).
+    pub fn encode(&mut self, out: &mut Vec<u8>, step_id: i64, content: &[u8], time: jiff::Timestamp) {
         out.extend_from_slice(b"{\"kind\":\"data\",\"content\":");
-        write_json_string(out, content);
+        write_json_bytes(out, content);
         out.extend_from_slice(b",\"time\":\"");
         self.write_time(out, time);
         out.extend_from_slice(b"\",\"step_id\":");
-        // Writing to a Vec cannot fail.
-        let _ = std::io::Write::write_fmt(out, format_args!("{step_id}"));
+        out.extend_from_slice(itoa::Buffer::new().format(step_id).as_bytes());
         out.extend_from_slice(b",\"stream\":\"stdout\"}");
     }
 
@@ -254,103 +255,123 @@ const HEX: &[u8; 16] = b"0123456789abcdef";
 /// A JSON string as Go escapes it: `"`, `\` and control characters, plus `<`, `>`, `&`, U+2028
 /// and U+2029 as `\uXXXX` (HTML-safe encoding, Go's default).
 pub fn write_json_string(out: &mut Vec<u8>, s: &str) {
-    out.reserve(s.len() + 2);
+    write_json_bytes(out, s.as_bytes());
+}
+
+/// [`write_json_string`] for bytes that may not be UTF-8, as Go's encoder writes a string holding
+/// them: each byte that does not begin a valid UTF-8 sequence becomes `\ufffd`. UTF-8 is checked
+/// while escaping, so valid text is read once.
+pub fn write_json_bytes(out: &mut Vec<u8>, bytes: &[u8]) {
+    out.reserve(bytes.len() + 2);
     out.push(b'"');
-    let bytes = s.as_bytes();
     let mut start = 0;
     let mut i = 0;
     // Jump from one byte that may need escaping to the next; plain runs are copied whole.
-    while let Some(at) = next_escape(bytes, i) {
+    while let Some(at) = next_special(bytes, i) {
         i = at;
         let b = bytes[i];
-        let escape: Option<&[u8]> = match b {
-            b'"' => Some(b"\\\""),
-            b'\\' => Some(b"\\\\"),
-            b'\n' => Some(b"\\n"),
-            b'\r' => Some(b"\\r"),
-            b'\t' => Some(b"\\t"),
-            0x08 => Some(b"\\b"),
-            0x0c => Some(b"\\f"),
-            b'<' => Some(b"\\u003c"),
-            b'>' => Some(b"\\u003e"),
-            b'&' => Some(b"\\u0026"),
-            _ => None,
-        };
-        if let Some(esc) = escape {
-            out.extend_from_slice(&bytes[start..i]);
-            out.extend_from_slice(esc);
-            i += 1;
-            start = i;
-        } else if b < 0x20 {
-            out.extend_from_slice(&bytes[start..i]);
-            out.extend_from_slice(&[
-                b'\\',
-                b'u',
-                b'0',
-                b'0',
-                HEX[(b >> 4) as usize],
-                HEX[(b & 0xf) as usize],
-            ]);
-            i += 1;
-            start = i;
-        } else if b == 0xe2 && i + 2 < bytes.len() && bytes[i + 1] == 0x80 && (bytes[i + 2] & 0xfe) == 0xa8 {
-            // U+2028 LINE SEPARATOR / U+2029 PARAGRAPH SEPARATOR
-            out.extend_from_slice(&bytes[start..i]);
-            out.extend_from_slice(if bytes[i + 2] == 0xa8 { b"\\u2028" } else { b"\\u2029" });
-            i += 3;
-            start = i;
-        } else {
-            i += 1;
+        if b >= 0x80 {
+            // A run of non-ASCII bytes (an invalid sequence never spans an ASCII byte).
+            let end = bytes[i..].iter().position(|&c| c < 0x80).map_or(bytes.len(), |p| i + p);
+            start = write_non_ascii(out, bytes, start, i, end);
+            i = end;
+            continue;
         }
+        let escape: &[u8] = match b {
+            b'"' => b"\\\"",
+            b'\\' => b"\\\\",
+            b'\n' => b"\\n",
+            b'\r' => b"\\r",
+            b'\t' => b"\\t",
+            0x08 => b"\\b",
+            0x0c => b"\\f",
+            b'<' => b"\\u003c",
+            b'>' => b"\\u003e",
+            b'&' => b"\\u0026",
+            _ => &[b'\\', b'u', b'0', b'0', HEX[(b >> 4) as usize], HEX[(b & 0xf) as usize]],
+        };
+        out.extend_from_slice(&bytes[start..i]);
+        out.extend_from_slice(escape);
+        i += 1;
+        start = i;
     }
     out.extend_from_slice(&bytes[start..]);
     out.push(b'"');
 }
 
-/// The first index at or after `from` whose byte is in [`NEEDS_ESCAPE`]: eight bytes per step,
-/// then straight to the flagged byte (the lowest flag of [`escape_flags`] is exact).
-fn next_escape(bytes: &[u8], from: usize) -> Option<usize> {
+/// Write the non-ASCII run `bytes[from..end]` (plain bytes from `start` are still unwritten):
+/// invalid bytes become `\ufffd` and U+2028/U+2029 `\u2028`/`\u2029`; valid text stays
+/// unwritten for the caller's next copy. Returns the new start of unwritten bytes.
+fn write_non_ascii(out: &mut Vec<u8>, bytes: &[u8], mut start: usize, from: usize, end: usize) -> usize {
+    let mut at = from;
+    while at < end {
+        let (valid_end, invalid) = match std::str::from_utf8(&bytes[at..end]) {
+            Ok(_) => (end, false),
+            Err(e) => (at + e.valid_up_to(), true),
+        };
+        // U+2028 and U+2029 are E2 80 A8 and E2 80 A9.
+        for sep in memchr::memchr_iter(0xe2, &bytes[at..valid_end]).map(|p| at + p) {
+            if let [0xe2, 0x80, last @ (0xa8 | 0xa9), ..] = bytes[sep..valid_end] {
+                out.extend_from_slice(&bytes[start..sep]);
+                out.extend_from_slice(if last == 0xa8 { b"\\u2028" } else { b"\\u2029" });
+                start = sep + 3;
+            }
+        }
+        at = valid_end;
+        if invalid {
+            out.extend_from_slice(&bytes[start..at]);
+            out.extend_from_slice(b"\\ufffd");
+            at += 1;
+            start = at;
+        }
+    }
+    start
+}
+
+/// The first index at or after `from` whose byte is in [`SPECIAL`]: eight bytes per step, then
+/// straight to the flagged byte (the lowest flag of [`special_flags`] is exact).
+fn next_special(bytes: &[u8], from: usize) -> Option<usize> {
     let mut i = from;
     while let Some(word) = bytes.get(i..).and_then(|rest| rest.first_chunk::<8>()) {
-        let flags = escape_flags(u64::from_le_bytes(*word));
+        let flags = special_flags(u64::from_le_bytes(*word));
         if flags != 0 {
             return Some(i + (flags.trailing_zeros() / 8) as usize);
         }
         i += 8;
     }
     let tail = bytes.get(i..)?;
-    tail.iter().position(|&b| NEEDS_ESCAPE[b as usize]).map(|p| i + p)
+    tail.iter().position(|&b| SPECIAL[b as usize]).map(|p| i + p)
 }
 
 const ONES: u64 = 0x0101_0101_0101_0101;
 const HIGHS: u64 = 0x8080_8080_8080_8080;
 
-/// High bit of each byte of `w` that may be in [`NEEDS_ESCAPE`] (SWAR: a byte below `n` or equal
-/// to `c` sets its high bit in `less`/`zero`). Borrows only carry upwards out of a byte that
-/// qualifies, so the lowest flag is always exact and the result is zero exactly when no byte
-/// qualifies.
-fn escape_flags(w: u64) -> u64 {
+/// High bit of each byte of `w` that may be in [`SPECIAL`] (SWAR: a byte below `n` or equal to
+/// `c` sets its high bit in `less`/`zero`; a non-ASCII byte has it already). Borrows only carry
+/// upwards out of a byte that qualifies, so the lowest flag is always exact and the result is
+/// zero exactly when no byte qualifies.
+fn special_flags(w: u64) -> u64 {
     let less = |n: u8| w.wrapping_sub(ONES * u64::from(n)) & !w & HIGHS;
     let zero = |c: u8| {
         let v = w ^ (ONES * u64::from(c));
         v.wrapping_sub(ONES) & !v & HIGHS
     };
-    less(0x20) | zero(b'"') | zero(b'\\') | zero(b'<') | zero(b'>') | zero(b'&') | zero(0xe2)
+    (w & HIGHS) | less(0x20) | zero(b'"') | zero(b'\\') | zero(b'<') | zero(b'>') | zero(b'&')
 }
 
-/// Whether none of the 8 bytes of `w` is in [`NEEDS_ESCAPE`].
+/// Whether none of the 8 bytes of `w` is in [`SPECIAL`].
 #[cfg(test)]
 fn plain_word(w: u64) -> bool {
-    escape_flags(w) == 0
+    special_flags(w) == 0
 }
 
-/// Bytes that may need escaping: controls, `"`, `\`, `<`, `>`, `&`, and 0xe2 (the first byte of
-/// U+2028/U+2029).
-const NEEDS_ESCAPE: [bool; 256] = {
+/// Bytes that need a closer look: ASCII that is escaped (controls, `"`, `\`, `<`, `>`, `&`) and
+/// every non-ASCII byte (UTF-8 is checked, and U+2028/U+2029 escaped).
+const SPECIAL: [bool; 256] = {
     let mut t = [false; 256];
     let mut i = 0;
-    while i < 0x20 {
-        t[i] = true;
+    while i < 256 {
+        t[i] = i < 0x20 || i >= 0x80;
         i += 1;
     }
     t[b'"' as usize] = true;
@@ -358,7 +379,6 @@ const NEEDS_ESCAPE: [bool; 256] = {
     t[b'<' as usize] = true;
     t[b'>' as usize] = true;
     t[b'&' as usize] = true;
-    t[0xe2] = true;
     t
 };
 
@@ -452,12 +472,83 @@ mod tests {
             for (j, c) in contents.iter().enumerate() {
                 let step = (i * j) as i64 - 3;
                 let mut out = b"prefix".to_vec();
-                enc.encode(&mut out, step, c, t);
+                enc.encode(&mut out, step, c.as_bytes(), t);
                 let mut want = b"prefix".to_vec();
                 LogLine::data(step, *c, t).encode_into(&mut want);
                 assert_eq!(String::from_utf8(out).expect("utf8"), String::from_utf8(want).expect("utf8"));
             }
         }
+    }
+
+    /// Go's `encoding/json` string encoding, written plainly: valid text char by char; each byte
+    /// of an invalid sequence (Rust's maximal subparts are a lead byte and continuation bytes,
+    /// each of which Go decodes as `RuneError` of size 1) as `\ufffd`.
+    fn go_reference(bytes: &[u8]) -> String {
+        let mut out = String::from("\"");
+        for chunk in bytes.utf8_chunks() {
+            for c in chunk.valid().chars() {
+                match c {
+                    '"' => out.push_str("\\\""),
+                    '\\' => out.push_str("\\\\"),
+                    '\n' => out.push_str("\\n"),
+                    '\r' => out.push_str("\\r"),
+                    '\t' => out.push_str("\\t"),
+                    '\u{8}' => out.push_str("\\b"),
+                    '\u{c}' => out.push_str("\\f"),
+                    '<' | '>' | '&' | '\u{2028}' | '\u{2029}' => {
+                        out.push_str(&format!("\\u{:04x}", c as u32))
+                    }
+                    c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04x}", c as u32)),
+                    c => out.push(c),
+                }
+            }
+            for _ in chunk.invalid() {
+                out.push_str("\\ufffd");
+            }
+        }
+        out.push('"');
+        out
+    }
+
+    /// Bytes rich in what the escaper treats specially: controls, HTML characters, the bytes of
+    /// U+2028/U+2029, lead and continuation bytes in any order, and plain runs.
+    fn tricky_bytes() -> impl proptest::strategy::Strategy<Value = Vec<u8>> {
+        use proptest::prelude::*;
+        let piece = prop_oneof![
+            any::<u8>().prop_map(|b| vec![b]),
+            prop::sample::select(vec![0xe2u8, 0x80, 0xa8, 0xa9, 0xc3, 0xed, 0xf0, 0xf4, 0xff, 0x7f])
+                .prop_map(|b| vec![b]),
+            prop::sample::select(vec!["\u{2028}", "\u{2029}", "é", "✓", "😀", "<&>", "\"\\", "\t\u{1b}[0m"])
+                .prop_map(|s| s.as_bytes().to_vec()),
+            "[a-z ]{1,20}".prop_map(String::into_bytes),
+        ];
+        prop::collection::vec(piece, 0..24).prop_map(|v| v.concat())
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn bytes_are_escaped_exactly_as_go_does(bytes in tricky_bytes()) {
+            let mut out = Vec::new();
+            write_json_bytes(&mut out, &bytes);
+            let out = String::from_utf8(out).expect("always UTF-8");
+            proptest::prop_assert_eq!(&out, &go_reference(&bytes));
+            // And it is JSON for the text Go would have held.
+            let parsed: String = serde_json::from_str(&out).expect("valid JSON");
+            let lossy: String = bytes.utf8_chunks()
+                .flat_map(|c| c.valid().chars().chain(std::iter::repeat_n('\u{fffd}', c.invalid().len())))
+                .collect();
+            proptest::prop_assert_eq!(parsed, lossy);
+        }
+    }
+
+    #[test]
+    fn invalid_utf8_becomes_one_replacement_per_byte_like_go() {
+        let mut out = Vec::new();
+        write_json_bytes(&mut out, b"a\xe2\x82b\xff\xe2\x80\xa8\xed\xa0\x80 ok \xf0\x9f\x98");
+        assert_eq!(
+            String::from_utf8(out).expect("utf8"),
+            r#""a\ufffd\ufffdb\ufffd\u2028\ufffd\ufffd\ufffd ok \ufffd\ufffd\ufffd""#
+        );
     }
 
     #[test]
@@ -468,19 +559,19 @@ mod tests {
                 word[pos] = b;
                 assert_eq!(
                     plain_word(u64::from_le_bytes(word)),
-                    !NEEDS_ESCAPE[b as usize],
+                    !SPECIAL[b as usize],
                     "byte {b:#x} at {pos}"
                 );
             }
         }
         // The lowest flag names the first byte needing escape, whatever follows it.
         for first in 0..8 {
-            for b in (0..=255u8).filter(|b| NEEDS_ESCAPE[*b as usize]) {
+            for b in (0..=255u8).filter(|b| SPECIAL[*b as usize]) {
                 for after in [0u8, b'"', 0xe2, b'a', 0xff] {
                     let mut word = [after; 8];
                     word[..first].fill(b'a');
                     word[first] = b;
-                    let flags = escape_flags(u64::from_le_bytes(word));
+                    let flags = special_flags(u64::from_le_bytes(word));
                     assert_eq!(
                         flags.trailing_zeros() / 8,
                         first as u32,

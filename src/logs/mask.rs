@@ -229,8 +229,8 @@ mod tests {
         let mut lines: Vec<Vec<Vec<u8>>> = vec![Vec::new()];
         let mut at = 0;
         let mut i = 0;
-        let mut sink = |seg: super::super::follower::Segment| {
-            lines.last_mut().expect("line").push(seg.content.clone());
+        let mut sink = |seg: super::super::follower::Segment<'_>| {
+            lines.last_mut().expect("line").push(seg.content.into_owned());
             if seg.last {
                 lines.push(Vec::new());
             }
