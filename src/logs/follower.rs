@@ -23,7 +23,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::AsyncReadExt;
+use futures::{AsyncBufRead, AsyncBufReadExt};
 use k8s_openapi::api::core::v1::{ContainerStatus, Pod, Secret};
 use kube::api::{Api, ListParams, LogParams};
 use serde::{Deserialize, Serialize};
@@ -386,13 +386,16 @@ impl LineAssembler {
 /// The write side of one workflow's log. The follower queues lines into a [`Batch`] (data line
 /// contents as they came, masked; other lines already encoded); a writer thread encodes the
 /// batch, appends it to the file and then publishes it to viewers (file first, so a viewer
-/// reading the file never misses a published line). Reading and assembling the stream and
-/// encoding and writing thus run on two cores. The bounded queue keeps the follower at most
-/// [`WRITE_QUEUE`] batches ahead, and [`RunLog::sync`] waits for everything queued, so a saved
-/// position never covers bytes not yet written.
+/// reading the file never misses a published line). Reading and assembling the stream, and
+/// encoding and writing, thus run on two cores; when the writer falls [`WRITE_QUEUE`] batches
+/// behind, the follower encodes the next batch itself instead of waiting idle, which shares the
+/// work out evenly whichever side is slower. [`RunLog::sync`] waits for everything queued, so a
+/// saved position never covers bytes not yet written.
 #[derive(Debug)]
 pub struct RunLog {
     batch: Batch,
+    /// For the batches the follower encodes itself.
+    encoder: DataLineEncoder,
     tx: std::sync::mpsc::SyncSender<WriteMsg>,
     /// Batches the writer is done with, to be filled again (their buffers keep their capacity).
     recycled: tokio::sync::mpsc::UnboundedReceiver<Batch>,
@@ -403,11 +406,14 @@ const WRITE_QUEUE: usize = 8;
 /// Queued bytes after which [`RunLog::should_flush`] says to hand the batch over.
 const BATCH: usize = 64 * 1024;
 
-/// Lines queued for the writer: their bytes back to back, and what each one is.
+/// Lines queued for the writer: their bytes back to back and what each one is, or (once
+/// `encoded` is set) the file bytes of all of them in `out`.
 #[derive(Debug, Default)]
 struct Batch {
     bytes: Vec<u8>,
     entries: Vec<Entry>,
+    out: Vec<u8>,
+    encoded: bool,
 }
 
 #[derive(Debug)]
@@ -426,10 +432,17 @@ impl Batch {
     fn clear(&mut self) {
         self.bytes.clear();
         self.entries.clear();
+        self.out.clear();
+        self.encoded = false;
     }
 
-    /// Encode every line, each followed by `\n`, into `out`.
-    fn encode(&self, encoder: &mut DataLineEncoder, out: &mut Vec<u8>) {
+    /// Encode every line, each followed by `\n`, into `out` (once).
+    fn encode(&mut self, encoder: &mut DataLineEncoder) {
+        if self.encoded {
+            return;
+        }
+        self.encoded = true;
+        let out = &mut self.out;
         let mut start = 0;
         for entry in &self.entries {
             match *entry {
@@ -457,14 +470,19 @@ enum WriteMsg {
 
 impl RunLog {
     pub fn new(file: LogFile, hub: LogHub, key: String) -> Result<Self, LogError> {
-        let (tx, rx) = std::sync::mpsc::sync_channel(WRITE_QUEUE);
+        Self::with_queue(file, hub, key, WRITE_QUEUE)
+    }
+
+    /// `queue`: batches the follower may queue ahead of the writer before encoding them itself.
+    fn with_queue(file: LogFile, hub: LogHub, key: String, queue: usize) -> Result<Self, LogError> {
+        let (tx, rx) = std::sync::mpsc::sync_channel(queue);
         let (recycle, recycled) = tokio::sync::mpsc::unbounded_channel();
         let path = file.path().to_path_buf();
         std::thread::Builder::new()
             .name("bobbin-log-writer".into())
             .spawn(move || write_batches(file, hub, key, rx, recycle))
             .map_err(|e| LogError::File { path, source: e })?;
-        Ok(RunLog { batch: Batch::default(), tx, recycled })
+        Ok(RunLog { batch: Batch::default(), encoder: DataLineEncoder::default(), tx, recycled })
     }
 
     /// Queue one line.
@@ -486,14 +504,24 @@ impl RunLog {
         self.batch.bytes.len() >= BATCH
     }
 
-    /// Hand queued lines to the writer (waits while the writer is [`WRITE_QUEUE`] batches behind).
+    /// Hand queued lines to the writer. When it is [`WRITE_QUEUE`] batches behind, encode them
+    /// here first (the writer then only appends them), and wait for room.
     pub fn flush(&mut self) -> Result<(), LogError> {
         if self.batch.is_empty() {
             return Ok(());
         }
         let next = self.recycled.try_recv().unwrap_or_default();
         let batch = std::mem::replace(&mut self.batch, next);
-        self.tx.send(WriteMsg::Batch(batch)).map_err(|_| writer_gone())
+        let msg = match self.tx.try_send(WriteMsg::Batch(batch)) {
+            Ok(()) => return Ok(()),
+            Err(std::sync::mpsc::TrySendError::Disconnected(_)) => return Err(writer_gone()),
+            Err(std::sync::mpsc::TrySendError::Full(WriteMsg::Batch(mut batch))) => {
+                batch.encode(&mut self.encoder);
+                WriteMsg::Batch(batch)
+            }
+            Err(std::sync::mpsc::TrySendError::Full(other)) => other,
+        };
+        self.tx.send(msg).map_err(|_| writer_gone())
     }
 
     /// Flush, wait until every queued line is in the file, and return the file's end offset (or
@@ -522,14 +550,13 @@ fn write_batches(
 ) {
     let mut failed: Option<LogError> = None;
     let mut encoder = DataLineEncoder::default();
-    let mut out = Vec::with_capacity(2 * BATCH);
     while let Ok(msg) = rx.recv() {
         match msg {
             WriteMsg::Batch(mut batch) => {
                 if failed.is_none() {
-                    out.clear();
-                    batch.encode(&mut encoder, &mut out);
-                    match file.append(&out) {
+                    batch.encode(&mut encoder);
+                    let out = &batch.out;
+                    match file.append(out) {
                         Ok(offset) => {
                             let metrics = hub.metrics();
                             metrics.lines_written.inc_by(batch.entries.len() as u64);
@@ -933,15 +960,16 @@ impl Follower {
             };
             if let Some(reader) = reader {
                 let mut reader = std::pin::pin!(reader);
-                let mut buf = vec![0u8; 64 * 1024];
                 loop {
-                    match self.read_some(&mut reader, &mut buf).await? {
-                        Some(Ok(0)) => break,
-                        Some(Ok(n)) => {
+                    match self.read_some(&mut reader).await? {
+                        Some(Ok([])) => break,
+                        Some(Ok(bytes)) => {
                             backoff = self.settings.poll_interval.min(Duration::from_millis(200));
-                            asm.push(&buf[..n], &mut |seg| {
+                            let n = bytes.len();
+                            asm.push(bytes, &mut |seg| {
                                 self.take_segment(step, seg, &mut skipping, &mut skip_at_ts)
                             });
+                            reader.as_mut().consume(n);
                             self.persist(false).await?;
                         }
                         Some(Err(e)) => {
@@ -991,24 +1019,26 @@ impl Follower {
         }
     }
 
-    /// The next bytes of a log stream: `None` when it stayed idle for `idle_timeout`. Queued
-    /// lines go to the writer whenever the stream has nothing ready (and once a batch is full),
-    /// so they reach the file and viewers as soon as the step pauses, and in large batches while
-    /// it prints fast.
-    async fn read_some<R: futures::AsyncRead + Unpin>(
+    /// The next bytes of a log stream, read in place from the HTTP client's buffer (empty at
+    /// the end; the caller consumes what it used): `None` when the stream stayed idle for
+    /// `idle_timeout`. Queued lines go to the writer whenever the stream has nothing ready (and
+    /// once a batch is full), so they reach the file and viewers as soon as the step pauses, and
+    /// in large batches while it prints fast.
+    async fn read_some<'r, R: AsyncBufRead + Unpin>(
         &mut self,
-        reader: &mut R,
-        buf: &mut [u8],
-    ) -> Result<Option<std::io::Result<usize>>, LogError> {
-        let ready = self.log.as_ref().is_some_and(|log| !log.should_flush());
-        if ready {
-            // Reading is cancel-safe: a read that is not ready consumes nothing.
-            if let Some(read) = futures::FutureExt::now_or_never(reader.read(buf)) {
-                return Ok(Some(read));
+        reader: &'r mut R,
+    ) -> Result<Option<std::io::Result<&'r [u8]>>, LogError> {
+        if self.log.as_ref().is_some_and(RunLog::should_flush) {
+            self.flush()?;
+        } else {
+            // Filling is cancel-safe: bytes that arrived stay buffered for the fill below.
+            match futures::FutureExt::now_or_never(reader.fill_buf()).map(|r| r.map(|_| ())) {
+                Some(Ok(())) => {}
+                Some(Err(e)) => return Ok(Some(Err(e))),
+                None => self.flush()?,
             }
         }
-        self.flush()?;
-        Ok(tokio::time::timeout(self.settings.idle_timeout, reader.read(buf)).await.ok())
+        Ok(tokio::time::timeout(self.settings.idle_timeout, reader.fill_buf()).await.ok())
     }
 
     /// After the container terminated: read the log (not following) from the last position to
@@ -1044,14 +1074,13 @@ impl Follower {
         };
         let mut skip_at_ts = self.progress.seen_at_ts;
         let mut skipping = false;
-        let mut buf = vec![0u8; 64 * 1024];
         loop {
-            match self.read_some(&mut reader, &mut buf).await? {
-                Some(Ok(0)) => break,
-                Some(Ok(n)) => {
-                    asm.push(&buf[..n], &mut |seg| {
-                        self.take_segment(step, seg, &mut skipping, &mut skip_at_ts)
-                    });
+            match self.read_some(&mut reader).await? {
+                Some(Ok([])) => break,
+                Some(Ok(bytes)) => {
+                    let n = bytes.len();
+                    asm.push(bytes, &mut |seg| self.take_segment(step, seg, &mut skipping, &mut skip_at_ts));
+                    reader.as_mut().consume(n);
                 }
                 Some(Err(_)) | None => {
                     asm.reset();
@@ -1233,6 +1262,52 @@ mod tests {
         hub: LogHub,
         settings: LogSettings,
         dir: PathBuf,
+    }
+
+    /// Whichever thread encodes a batch (the writer, or the follower when the writer is behind;
+    /// with no queue at all the follower encodes whenever the writer is not already waiting),
+    /// the file holds exactly the lines in order, as `LogLine` encodes them.
+    #[tokio::test]
+    async fn batches_encoded_by_either_thread_write_the_same_bytes() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let t0: jiff::Timestamp = "2026-11-21T12:00:00.5Z".parse().expect("ts");
+        let mut want = Vec::new();
+        for queue in [0, WRITE_QUEUE] {
+            let path = tmp.path().join(format!("q{queue}.log"));
+            let hub = LogHub::new(8);
+            let mut log = RunLog::with_queue(LogFile::open(&path, 0).expect("open"), hub, "k".into(), queue)
+                .expect("writer");
+            want.clear();
+            for i in 0..3000i64 {
+                let time = t0 + jiff::SignedDuration::from_millis(i);
+                let line = if i % 500 == 0 {
+                    LogLine::control(i, StepStatus::Start, "Build", 1, "make <all>", time)
+                } else {
+                    let content = format!("line {i} <\"{}\"> \u{2028} é", "x".repeat((i % 97) as usize));
+                    let mut raw = content.clone().into_bytes();
+                    if i % 7 == 0 {
+                        raw.push(0xff);
+                    }
+                    log.push_data(i % 5, &raw, time);
+                    // Go writes an invalid byte as the escape `\ufffd`.
+                    let text = if i % 7 == 0 { format!("{content}\u{fffd}") } else { content };
+                    let json = LogLine::data(i % 5, text, time).to_json().replace('\u{fffd}', "\\ufffd");
+                    want.extend_from_slice(json.as_bytes());
+                    want.push(b'\n');
+                    if i % 3 == 0 {
+                        log.flush().expect("flush");
+                    }
+                    continue;
+                };
+                log.push(&line);
+                want.extend_from_slice(line.to_json().as_bytes());
+                want.push(b'\n');
+            }
+            let end = log.sync().await.expect("sync");
+            let written = std::fs::read(&path).expect("read");
+            assert_eq!(end, written.len() as u64, "queue {queue}");
+            assert!(written == want, "queue {queue}: the file differs from the lines pushed");
+        }
     }
 
     fn harness() -> Harness {

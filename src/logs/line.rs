@@ -271,27 +271,44 @@ pub fn write_json_bytes(out: &mut Vec<u8>, bytes: &[u8]) {
         i = at;
         let b = bytes[i];
         if b >= 0x80 {
-            // A run of non-ASCII bytes (an invalid sequence never spans an ASCII byte).
-            let end = bytes[i..].iter().position(|&c| c < 0x80).map_or(bytes.len(), |p| i + p);
-            start = write_non_ascii(out, bytes, start, i, end);
-            i = end;
+            match utf8_len(bytes, i) {
+                // U+2028 and U+2029 (E2 80 A8 and E2 80 A9).
+                Some(3) if b == 0xe2 && bytes[i + 1] == 0x80 && bytes[i + 2] & 0xfe == 0xa8 => {
+                    out.extend_from_slice(&bytes[start..i]);
+                    out.extend_from_slice(&[
+                        b'\\',
+                        b'u',
+                        b'2',
+                        b'0',
+                        b'2',
+                        HEX[usize::from(bytes[i + 2] & 0xf)],
+                    ]);
+                    i += 3;
+                    start = i;
+                }
+                // Valid UTF-8 is part of the plain run.
+                Some(len) => i += len,
+                None => {
+                    out.extend_from_slice(&bytes[start..i]);
+                    out.extend_from_slice(b"\\ufffd");
+                    i += 1;
+                    start = i;
+                }
+            }
             continue;
         }
-        let escape: &[u8] = match b {
-            b'"' => b"\\\"",
-            b'\\' => b"\\\\",
-            b'\n' => b"\\n",
-            b'\r' => b"\\r",
-            b'\t' => b"\\t",
-            0x08 => b"\\b",
-            0x0c => b"\\f",
-            b'<' => b"\\u003c",
-            b'>' => b"\\u003e",
-            b'&' => b"\\u0026",
-            _ => &[b'\\', b'u', b'0', b'0', HEX[(b >> 4) as usize], HEX[(b & 0xf) as usize]],
-        };
         out.extend_from_slice(&bytes[start..i]);
-        out.extend_from_slice(escape);
+        match SHORT_ESCAPE[usize::from(b)] {
+            0 => out.extend_from_slice(&[
+                b'\\',
+                b'u',
+                b'0',
+                b'0',
+                HEX[usize::from(b >> 4)],
+                HEX[usize::from(b & 0xf)],
+            ]),
+            c => out.extend_from_slice(&[b'\\', c]),
+        }
         i += 1;
         start = i;
     }
@@ -299,33 +316,38 @@ pub fn write_json_bytes(out: &mut Vec<u8>, bytes: &[u8]) {
     out.push(b'"');
 }
 
-/// Write the non-ASCII run `bytes[from..end]` (plain bytes from `start` are still unwritten):
-/// invalid bytes become `\ufffd` and U+2028/U+2029 `\u2028`/`\u2029`; valid text stays
-/// unwritten for the caller's next copy. Returns the new start of unwritten bytes.
-fn write_non_ascii(out: &mut Vec<u8>, bytes: &[u8], mut start: usize, from: usize, end: usize) -> usize {
-    let mut at = from;
-    while at < end {
-        let (valid_end, invalid) = match std::str::from_utf8(&bytes[at..end]) {
-            Ok(_) => (end, false),
-            Err(e) => (at + e.valid_up_to(), true),
-        };
-        // U+2028 and U+2029 are E2 80 A8 and E2 80 A9.
-        for sep in memchr::memchr_iter(0xe2, &bytes[at..valid_end]).map(|p| at + p) {
-            if let [0xe2, 0x80, last @ (0xa8 | 0xa9), ..] = bytes[sep..valid_end] {
-                out.extend_from_slice(&bytes[start..sep]);
-                out.extend_from_slice(if last == 0xa8 { b"\\u2028" } else { b"\\u2029" });
-                start = sep + 3;
-            }
-        }
-        at = valid_end;
-        if invalid {
-            out.extend_from_slice(&bytes[start..at]);
-            out.extend_from_slice(b"\\ufffd");
-            at += 1;
-            start = at;
-        }
-    }
-    start
+/// The escape letter of the ASCII bytes Go writes as `\x`; the others it escapes (other controls,
+/// `<`, `>`, `&`) are `\u00XX`.
+const SHORT_ESCAPE: [u8; 128] = {
+    let mut t = [0u8; 128];
+    t[b'"' as usize] = b'"';
+    t[b'\\' as usize] = b'\\';
+    t[b'\n' as usize] = b'n';
+    t[b'\r' as usize] = b'r';
+    t[b'\t' as usize] = b't';
+    t[0x08] = b'b';
+    t[0x0c] = b'f';
+    t
+};
+
+/// The length of the well-formed UTF-8 sequence at `bytes[i]` (a non-ASCII byte), or `None` if
+/// none starts there (Unicode's table of well-formed byte sequences: no overlong forms, no
+/// surrogates, nothing above U+10FFFF; the same set Go and Rust accept).
+fn utf8_len(bytes: &[u8], i: usize) -> Option<usize> {
+    let at =
+        |k: usize, range: std::ops::RangeInclusive<u8>| bytes.get(i + k).is_some_and(|b| range.contains(b));
+    let tail = |n: usize| (2..n).all(|k| at(k, 0x80..=0xbf));
+    let (second, len) = match bytes[i] {
+        0xc2..=0xdf => (0x80..=0xbf, 2),
+        0xe0 => (0xa0..=0xbf, 3),
+        0xe1..=0xec | 0xee..=0xef => (0x80..=0xbf, 3),
+        0xed => (0x80..=0x9f, 3),
+        0xf0 => (0x90..=0xbf, 4),
+        0xf1..=0xf3 => (0x80..=0xbf, 4),
+        0xf4 => (0x80..=0x8f, 4),
+        _ => return None,
+    };
+    (at(1, second) && tail(len)).then_some(len)
 }
 
 /// The first index at or after `from` whose byte is in [`SPECIAL`]: eight bytes per step, then
@@ -538,6 +560,24 @@ mod tests {
                 .flat_map(|c| c.valid().chars().chain(std::iter::repeat_n('\u{fffd}', c.invalid().len())))
                 .collect();
             proptest::prop_assert_eq!(parsed, lossy);
+        }
+    }
+
+    #[test]
+    fn utf8_sequence_lengths_agree_with_std_for_every_lead_and_second_byte() {
+        for b0 in 0x80..=0xffu8 {
+            for b1 in 0..=0xffu8 {
+                for b2 in [0x41, 0x80, 0xbf, 0xc0] {
+                    for b3 in [0x41, 0x80, 0xbf, 0xc0] {
+                        for len in 1..=4 {
+                            let seq = &[b0, b1, b2, b3][..len];
+                            let first = seq.utf8_chunks().next().expect("a chunk");
+                            let want = first.valid().chars().next().map(char::len_utf8);
+                            assert_eq!(utf8_len(seq, 0), want, "{seq:x?}");
+                        }
+                    }
+                }
+            }
         }
     }
 
