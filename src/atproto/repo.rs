@@ -15,19 +15,40 @@ pub struct AtUri<'a> {
     pub rkey: &'a str,
 }
 
-/// Parse a record at-uri. Query strings and fragments are not allowed.
+/// Parse a record at-uri: `at://<DID or handle>/<collection>/<rkey>`, nothing after. The one
+/// parser for every at-uri bobbin reads (XRPC arguments, Jetstream records, PDS listings).
+///
+/// The authority may hold a DID's percent-encoded characters (`did:web:localhost%3A8080`, the
+/// form a did:web with a port takes), each `%` followed by two hex digits. Query strings,
+/// fragments, empty segments and the record keys `.` and `..` are refused.
 pub fn parse_at_uri(s: &str) -> Option<AtUri<'_>> {
     let rest = s.strip_prefix("at://")?;
     let mut parts = rest.split('/');
     let (authority, collection, rkey) = (parts.next()?, parts.next()?, parts.next()?);
-    let seg_ok =
-        |p: &str| !p.is_empty() && p.bytes().all(|b| b.is_ascii_alphanumeric() || b"._:~-".contains(&b));
+    let plain = |b: u8| b.is_ascii_alphanumeric() || b"._:~-".contains(&b);
+    let seg_ok = |p: &str| !p.is_empty() && p.bytes().all(plain);
     (parts.next().is_none()
         && s.len() <= 8192
-        && [authority, collection, rkey].into_iter().all(seg_ok)
+        && authority_ok(authority, plain)
+        && seg_ok(collection)
+        && seg_ok(rkey)
         && rkey != "."
         && rkey != "..")
         .then_some(AtUri { authority, collection, rkey })
+}
+
+/// Plain characters, or `%` and two hex digits.
+fn authority_ok(authority: &str, plain: impl Fn(u8) -> bool) -> bool {
+    let bytes = authority.as_bytes();
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'%' if bytes.get(i + 1..i + 3).is_some_and(|h| h.iter().all(u8::is_ascii_hexdigit)) => i += 3,
+            b if plain(b) => i += 1,
+            _ => return false,
+        }
+    }
+    !bytes.is_empty()
 }
 
 /// Why a repo at-uri could not be resolved. The HTTP layer maps [`RepoError::InvalidUri`] to
@@ -129,9 +150,24 @@ mod tests {
             "at://did:plc:x/sh.tangled.repo/r?x=1",
             "at://did:plc:x/sh.tangled.repo/..",
             "at://did:plc:x/sh.tangled.repo/a b",
+            "at://did:web:localhost%3/sh.tangled.repo/r",
+            "at://did:web:localhost%zz80/sh.tangled.repo/r",
+            "at://did:web:localhost%/sh.tangled.repo/r",
+            "at://did:plc:x/sh.tangled%2Erepo/r",
+            "at://did:plc:x/sh.tangled.repo/r%20",
+            "at://user@example.com/sh.tangled.repo/r",
+            "at://did:plc:x/sh.tangled.repo/r#frag",
         ] {
             assert_eq!(parse_at_uri(bad), None, "{bad}");
         }
+    }
+
+    #[test]
+    fn at_uri_authority_may_be_a_percent_encoded_did_web_or_a_handle() {
+        let u = parse_at_uri("at://did:web:localhost%3A8080/sh.tangled.repo/3m6pd65mx7k2b").expect("did:web");
+        assert_eq!(u.authority, "did:web:localhost%3A8080");
+        let u = parse_at_uri("at://alice.tngl.sh/sh.tangled.repo/self").expect("handle");
+        assert_eq!((u.authority, u.collection, u.rkey), ("alice.tngl.sh", "sh.tangled.repo", "self"));
     }
 
     #[test]

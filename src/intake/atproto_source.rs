@@ -3,10 +3,8 @@
 
 use futures::future::BoxFuture;
 
-use super::ingest::{
-    COLLABORATOR_NSID, CollaboratorPage, CollaboratorRecord, CollaboratorSource, parse_at_uri,
-};
-use crate::atproto::{PdsClient, Resolver};
+use super::ingest::{COLLABORATOR_NSID, CollaboratorPage, CollaboratorRecord, CollaboratorSource};
+use crate::atproto::{PdsClient, Resolver, parse_at_uri};
 
 /// Records per `listRecords` page (the lexicon's maximum).
 const PAGE_SIZE: u32 = 100;

@@ -25,6 +25,7 @@ use serde_json::Value;
 
 use super::knot::KnotSources;
 use super::{IntakeError, Result};
+use crate::atproto::parse_at_uri;
 use crate::store::intake::{self as q, CollaboratorRow, RepoRow};
 use crate::store::{Result as StoreResult, Store};
 
@@ -112,24 +113,6 @@ pub trait CollaboratorSource: Send + Sync {
         owner: &'a str,
         cursor: Option<&'a str>,
     ) -> BoxFuture<'a, std::result::Result<CollaboratorPage, String>>;
-}
-
-/// A parsed `at://authority/collection/rkey`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct AtUri<'a> {
-    pub authority: &'a str,
-    pub collection: &'a str,
-    pub rkey: &'a str,
-}
-
-pub fn parse_at_uri(uri: &str) -> Option<AtUri<'_>> {
-    let rest = uri.strip_prefix("at://")?;
-    let mut parts = rest.split('/');
-    let (authority, collection, rkey) = (parts.next()?, parts.next()?, parts.next()?);
-    if parts.next().is_some() || authority.is_empty() || collection.is_empty() || rkey.is_empty() {
-        return None;
-    }
-    Some(AtUri { authority, collection, rkey })
 }
 
 /// What an event did.
@@ -777,7 +760,7 @@ mod tests {
     fn at_uris_parse_strictly() {
         let u = parse_at_uri(REPO_URI).expect("valid");
         assert_eq!((u.authority, u.collection, u.rkey), (MEMBER, REPO_NSID, "3m6pd65mx7k2b"));
-        for bad in ["", "at://", "at://a/b", "at://a/b/c/d", "http://a/b/c", "at:///b/c"] {
+        for bad in ["", "at://", "at://a/b", "at://a/b/c/d", "http://a/b/c", "at:///b/c", "at://a b/c/d"] {
             assert!(parse_at_uri(bad).is_none(), "{bad}");
         }
     }
