@@ -16,7 +16,9 @@
 //!   repo registration only records naming *this* repo are honoured, over every page (B3);
 //! - collaborator deletes revoke (B18); no handle verification anywhere (B16).
 
-use std::sync::Arc;
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
 
 use futures::future::BoxFuture;
 use rusqlite::Transaction;
@@ -38,6 +40,11 @@ pub const COLLECTIONS: [&str; 3] = [MEMBER_NSID, REPO_NSID, COLLABORATOR_NSID];
 
 /// Most collaborator pages read at repo registration; a PDS that pages forever is cut off here.
 const MAX_COLLABORATOR_PAGES: usize = 200;
+
+/// A failed collaborator backfill is tried again after this, doubling up to
+/// [`BACKFILL_RETRY_MAX`], for as long as the repo stays registered.
+const BACKFILL_RETRY_FIRST: Duration = Duration::from_secs(30);
+const BACKFILL_RETRY_MAX: Duration = Duration::from_secs(15 * 60);
 
 /// One Jetstream event (spec §2.4).
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -316,6 +323,10 @@ pub struct Ingester {
     me: Identity,
     collaborators: Arc<dyn CollaboratorSource>,
     knots: KnotSources,
+    /// Repos `(owner, rkey)` with a backfill retry loop running.
+    retrying: Arc<Mutex<HashSet<(String, String)>>>,
+    /// First and longest delay between backfill retries.
+    retry_delays: (Duration, Duration),
 }
 
 impl Ingester {
@@ -325,7 +336,21 @@ impl Ingester {
         collaborators: Arc<dyn CollaboratorSource>,
         knots: KnotSources,
     ) -> Self {
-        Ingester { store, me, collaborators, knots }
+        Ingester {
+            store,
+            me,
+            collaborators,
+            knots,
+            retrying: Arc::default(),
+            retry_delays: (BACKFILL_RETRY_FIRST, BACKFILL_RETRY_MAX),
+        }
+    }
+
+    /// Shorter backfill retry delays (tests).
+    #[cfg(test)]
+    fn with_retry_delays(mut self, first: Duration, max: Duration) -> Self {
+        self.retry_delays = (first, max);
+        self
     }
 
     pub fn identity(&self) -> &Identity {
@@ -333,8 +358,8 @@ impl Ingester {
     }
 
     /// Apply one event. A failed collaborator backfill is logged, not returned: the registration
-    /// stands, live collaborator events still apply, and the next update of the repo record
-    /// backfills again.
+    /// stands, live collaborator events still apply, and the backfill is retried in the
+    /// background (see [`Ingester::retry_backfill`]).
     pub async fn apply(&self, ev: &JetstreamEvent) -> Result<Outcome> {
         let me = self.me.clone();
         let event = ev.clone();
@@ -342,10 +367,50 @@ impl Ingester {
         if let Outcome::RepoRegistered(repo) = &outcome {
             self.knots.add(&repo.knot);
             if let Err(e) = self.backfill(repo).await {
-                tracing::warn!(error = %e, label = e.label(), repo = %format!("{}/{}", repo.owner, repo.name), "collaborator backfill failed");
+                tracing::warn!(error = %e, label = e.label(), repo = %format!("{}/{}", repo.owner, repo.name), "collaborator backfill failed; retrying in the background");
+                self.retry_backfill(repo);
             }
         }
         Ok(outcome)
+    }
+
+    /// Try a failed backfill again (the owner's PDS may be down for a while) with doubling
+    /// delays, until it succeeds or the repo is no longer registered; each attempt backfills the
+    /// repo as it is registered then. One loop per repo: a loop already running covers later
+    /// failures too.
+    fn retry_backfill(&self, repo: &RepoRow) {
+        let key = (repo.owner.clone(), repo.rkey.clone());
+        if !self.retrying.lock().unwrap_or_else(PoisonError::into_inner).insert(key.clone()) {
+            return;
+        }
+        let this = self.clone();
+        tokio::spawn(async move {
+            let (mut delay, max) = this.retry_delays;
+            loop {
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(max);
+                let (owner, rkey) = key.clone();
+                let current = match this.store.call(move |c| q::repo_by_rkey(c, &owner, &rkey)).await {
+                    Ok(Some(repo)) => repo,
+                    Ok(None) => break,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "reading the repo for a collaborator backfill retry failed");
+                        continue;
+                    }
+                };
+                let name = format!("{}/{}", current.owner, current.name);
+                match this.backfill(&current).await {
+                    Ok(granted) => {
+                        tracing::info!(repo = %name, granted, "collaborator backfill succeeded on retry");
+                        break;
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, label = e.label(), repo = %name, retry_in = ?delay, "collaborator backfill failed again");
+                    }
+                }
+            }
+            this.retrying.lock().unwrap_or_else(PoisonError::into_inner).remove(&key);
+        });
     }
 
     /// Read every page of the owner's collaborator records and make this repo's collaborators
@@ -405,7 +470,7 @@ impl Ingester {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::intake::testkit::{FakeCollaborators, collab, jetstream_frame};
+    use crate::intake::testkit::{FakeCollaborators, collab, eventually, jetstream_frame};
     use crate::store::temp_store;
 
     const OWNER: &str = "did:plc:hbrpoigf3cbfnobm2o4rak3v";
@@ -547,7 +612,7 @@ mod tests {
 
     #[tokio::test]
     async fn failed_backfill_keeps_the_registration() {
-        let mut f = setup(FakeCollaborators { fail: true, ..FakeCollaborators::default() });
+        let mut f = setup(FakeCollaborators { fail: true.into(), ..FakeCollaborators::default() });
         onboard(&mut f).await;
         assert!(accepts(&f).await);
         let repo =
@@ -555,6 +620,60 @@ mod tests {
         let err = f.ingester.backfill(&repo).await.expect_err("PDS down");
         assert_eq!(err.label(), "collaborators");
         assert!(err.to_string().contains("PDS unreachable"), "{err}");
+    }
+
+    fn failing_source_with_one_collaborator() -> FakeCollaborators {
+        FakeCollaborators {
+            fail: true.into(),
+            pages: [(MEMBER.to_owned(), vec![vec![collab("c1", COLLAB, REPO_URI)]])].into(),
+            ..FakeCollaborators::default()
+        }
+    }
+
+    fn calls(f: &Fixture) -> usize {
+        f.source.calls.lock().expect("lock").len()
+    }
+
+    #[tokio::test]
+    async fn a_failed_backfill_is_retried_until_the_pds_answers() {
+        let mut f = setup(failing_source_with_one_collaborator());
+        f.ingester =
+            f.ingester.clone().with_retry_delays(Duration::from_millis(10), Duration::from_millis(40));
+        onboard(&mut f).await;
+        assert!(!can(&f, COLLAB).await, "the PDS is down: nothing granted yet");
+        eventually(5, "retries while the PDS is down", || async { calls(&f) >= 3 }).await;
+        // A second failure for the same repo (an updated record) does not start a second loop.
+        apply(&f, &event("sh.tangled.repo.update.json")).await;
+        assert_eq!(f.ingester.retrying.lock().expect("lock").len(), 1);
+
+        f.source.fail.store(false, std::sync::atomic::Ordering::SeqCst);
+        eventually(5, "the retried backfill grants the collaborator", || async { can(&f, COLLAB).await })
+            .await;
+        eventually(5, "the retry loop ends", || async {
+            f.ingester.retrying.lock().expect("lock").is_empty()
+        })
+        .await;
+        let settled = calls(&f);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(calls(&f), settled, "no retries after success");
+    }
+
+    #[tokio::test]
+    async fn backfill_retries_stop_when_the_repo_leaves() {
+        let mut f = setup(failing_source_with_one_collaborator());
+        f.ingester =
+            f.ingester.clone().with_retry_delays(Duration::from_millis(10), Duration::from_millis(20));
+        onboard(&mut f).await;
+        eventually(5, "a retry", || async { calls(&f) >= 2 }).await;
+        let out = apply(&f, &commit(MEMBER, "delete", REPO_NSID, "3m6pd65mx7k2b", None)).await;
+        assert!(matches!(out, Outcome::RepoUnregistered(_)), "{out:?}");
+        eventually(5, "the retry loop ends", || async {
+            f.ingester.retrying.lock().expect("lock").is_empty()
+        })
+        .await;
+        let settled = calls(&f);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(calls(&f), settled, "no retries for a repo that left");
     }
 
     #[tokio::test]

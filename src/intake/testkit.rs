@@ -226,7 +226,8 @@ fn status_body(code: u16, reason: &str, message: &str) -> serde_json::Value {
 #[derive(Default)]
 pub(crate) struct FakeCollaborators {
     pub pages: BTreeMap<String, Vec<Vec<CollaboratorRecord>>>,
-    pub fail: bool,
+    /// Every call fails (the PDS is unreachable) while set.
+    pub fail: std::sync::atomic::AtomicBool,
     pub calls: Mutex<Vec<(String, Option<String>)>>,
 }
 
@@ -238,7 +239,7 @@ impl CollaboratorSource for FakeCollaborators {
     ) -> BoxFuture<'a, Result<CollaboratorPage, String>> {
         Box::pin(async move {
             self.calls.lock().expect("lock").push((owner.to_owned(), cursor.map(str::to_owned)));
-            if self.fail {
+            if self.fail.load(std::sync::atomic::Ordering::SeqCst) {
                 return Err("PDS unreachable".into());
             }
             let pages = self.pages.get(owner).cloned().unwrap_or_default();
