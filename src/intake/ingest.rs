@@ -364,8 +364,13 @@ impl Ingester {
         let me = self.me.clone();
         let event = ev.clone();
         let outcome = self.store.transaction(move |tx| apply_in(tx, &me, &event)).await?;
+        if let Outcome::RepoUnregistered(_) = &outcome {
+            self.knots.recheck();
+        }
         if let Outcome::RepoRegistered(repo) = &outcome {
             self.knots.add(&repo.knot);
+            // An update may have moved the repo off its previous knot.
+            self.knots.recheck();
             if let Err(e) = self.backfill(repo).await {
                 tracing::warn!(error = %e, label = e.label(), repo = %format!("{}/{}", repo.owner, repo.name), "collaborator backfill failed; retrying in the background");
                 self.retry_backfill(repo);
@@ -470,6 +475,7 @@ impl Ingester {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::intake::knot::KnotChange;
     use crate::intake::testkit::{FakeCollaborators, collab, eventually, jetstream_frame};
     use crate::store::temp_store;
 
@@ -483,7 +489,7 @@ mod tests {
         _dir: tempfile::TempDir,
         store: Store,
         ingester: Ingester,
-        knots: tokio::sync::mpsc::UnboundedReceiver<String>,
+        knots: tokio::sync::mpsc::UnboundedReceiver<KnotChange>,
         source: Arc<FakeCollaborators>,
     }
 
@@ -556,7 +562,11 @@ mod tests {
             Outcome::MemberAdded { subject: MEMBER.into() }
         );
         assert!(matches!(apply(f, &event("sh.tangled.repo.update.json")).await, Outcome::RepoRegistered(_)));
-        assert_eq!(f.knots.try_recv().expect("knot source added"), "knot1.tangled.sh");
+        assert_eq!(
+            f.knots.try_recv().expect("knot source added"),
+            KnotChange::Add("knot1.tangled.sh".into())
+        );
+        assert_eq!(f.knots.try_recv().expect("recheck"), KnotChange::Recheck);
     }
 
     #[tokio::test]
@@ -868,7 +878,7 @@ mod tests {
         )
         .await;
         assert!(matches!(out, Outcome::RepoRegistered(_)), "{out:?}");
-        assert_eq!(f.knots.try_recv().expect("knot"), "knot1.tangled.sh");
+        assert_eq!(f.knots.try_recv().expect("knot"), KnotChange::Add("knot1.tangled.sh".into()));
         let identity =
             JetstreamEvent { did: OWNER.into(), time_us: 2, kind: "identity".into(), commit: None };
         assert!(matches!(apply(&f, &identity).await, Outcome::Ignored(_)));

@@ -146,7 +146,7 @@ mod tests {
 mod socket_tests {
     use super::*;
     use crate::intake::ingest::Identity;
-    use crate::intake::knot::KnotSources;
+    use crate::intake::knot::{KnotChange, KnotSources};
     use crate::intake::testkit::{
         Act, FakeCollaborators, FakeWs, MockKube, collab, eventually, fast_timing, fixture, jetstream_frame,
     };
@@ -216,7 +216,7 @@ mod socket_tests {
             requests[1],
             format!("/subscribe?cursor={}&{}", 1764348007123456_i64 - 5_000_000, collections())
         );
-        assert_eq!(knots.try_recv().expect("knot source"), "knot1.tangled.sh");
+        assert_eq!(knots.try_recv().expect("knot source"), KnotChange::Add("knot1.tangled.sh".into()));
         assert!(store.can_manage_repo(MEMBER, "hello-spindle", COLLAB).await.expect("q"));
         assert!(store.member_dids().await.expect("m").is_empty(), "member removed");
         assert!(

@@ -3,14 +3,16 @@
 //! Sources come from the registered repos at start and from repo ingestion at runtime through
 //! [`KnotSources::add`]. Additions travel over a channel to the single task that starts
 //! consumers, so a source added before [`KnotConsumer::run`] starts waits in the channel and each
-//! knot is started exactly once (B24).
+//! knot is started exactly once (B24). When repos leave, ingestion sends
+//! [`KnotSources::recheck`] down the same channel, and a knot no registered repo names any more
+//! is stopped (and started again if a repo on it registers later).
 //!
 //! Per knot, a socket reader feeds a bounded channel and a processor handles frames strictly in
 //! order through [`PipelineIntake`]; a frame whose handling fails (e.g. the API server is down)
 //! is retried with backoff while the reader waits, so nothing is dropped (B12). Malformed frames
 //! are logged and skipped (B11); reconnects use a short jittered backoff and a read deadline (B10).
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use tokio::sync::mpsc;
@@ -24,15 +26,24 @@ use super::ws::{self, Frame, Timing};
 use super::{IntakeError, IntakeMetrics};
 use crate::store::Store;
 
-/// Adds knot sources at runtime; cheap to clone, never blocks.
+/// Adds and retires knot sources at runtime; cheap to clone, never blocks.
 #[derive(Debug, Clone)]
 pub struct KnotSources {
-    tx: mpsc::UnboundedSender<String>,
+    tx: mpsc::UnboundedSender<KnotChange>,
+}
+
+/// What [`KnotSources`] sends to the consumer task.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KnotChange {
+    /// Subscribe to this knot if not subscribed already.
+    Add(String),
+    /// Repos left or moved: stop consuming knots no registered repo names.
+    Recheck,
 }
 
 impl KnotSources {
     /// A source handle and the receiving end [`KnotConsumer`] reads.
-    pub(crate) fn channel() -> (Self, mpsc::UnboundedReceiver<String>) {
+    pub(crate) fn channel() -> (Self, mpsc::UnboundedReceiver<KnotChange>) {
         let (tx, rx) = mpsc::unbounded_channel();
         (KnotSources { tx }, rx)
     }
@@ -40,7 +51,12 @@ impl KnotSources {
     /// Subscribe to `knot` (a host, optionally `:port`) if not subscribed already.
     pub fn add(&self, knot: &str) {
         // Only fails when the consumer is gone (shutdown), when there is nothing left to start.
-        let _ = self.tx.send(knot.to_owned());
+        let _ = self.tx.send(KnotChange::Add(knot.to_owned()));
+    }
+
+    /// Stop consuming knots that no registered repo names any more.
+    pub fn recheck(&self) {
+        let _ = self.tx.send(KnotChange::Recheck);
     }
 }
 
@@ -51,7 +67,7 @@ pub const DEFAULT_QUEUE: usize = 64;
 pub struct KnotConsumer {
     store: Store,
     intake: Arc<PipelineIntake>,
-    sources: mpsc::UnboundedReceiver<String>,
+    sources: mpsc::UnboundedReceiver<KnotChange>,
     dev: bool,
     timing: Timing,
     queue: usize,
@@ -105,7 +121,8 @@ impl KnotConsumer {
     /// Consume every known knot until `stop` is cancelled. Run this as a task.
     pub async fn run(self, stop: CancellationToken) {
         let KnotConsumer { store, intake, mut sources, dev, timing, queue, metrics } = self;
-        let mut started = HashSet::new();
+        // Running knots and the token that stops each.
+        let mut started: HashMap<String, CancellationToken> = HashMap::new();
         let mut tasks = JoinSet::new();
         let initial = loop {
             match store.repo_knots().await {
@@ -119,29 +136,43 @@ impl KnotConsumer {
                 }
             }
         };
-        let mut start = |knot: String, tasks: &mut JoinSet<()>| {
-            if started.insert(knot.clone()) {
-                tracing::info!(%knot, "knot source added");
-                tasks.spawn(consume(
-                    knot,
-                    store.clone(),
-                    intake.clone(),
-                    dev,
-                    (timing, queue),
-                    metrics.clone(),
-                    stop.clone(),
-                ));
-            }
-        };
+        let start =
+            |knot: String, started: &mut HashMap<String, CancellationToken>, tasks: &mut JoinSet<()>| {
+                if !started.contains_key(&knot) {
+                    tracing::info!(%knot, "knot source added");
+                    let knot_stop = stop.child_token();
+                    started.insert(knot.clone(), knot_stop.clone());
+                    tasks.spawn(consume(
+                        knot,
+                        store.clone(),
+                        intake.clone(),
+                        dev,
+                        (timing, queue),
+                        metrics.clone(),
+                        knot_stop,
+                    ));
+                }
+            };
         for knot in initial {
-            start(knot, &mut tasks);
+            start(knot, &mut started, &mut tasks);
         }
         let mut open = true;
         loop {
             tokio::select! {
                 _ = stop.cancelled() => break,
-                knot = sources.recv(), if open => match knot {
-                    Some(knot) => start(knot, &mut tasks),
+                change = sources.recv(), if open => match change {
+                    Some(KnotChange::Add(knot)) => start(knot, &mut started, &mut tasks),
+                    Some(KnotChange::Recheck) => match store.repo_knots().await {
+                        Ok(wanted) => started.retain(|knot, knot_stop| {
+                            let keep = wanted.contains(knot);
+                            if !keep {
+                                tracing::info!(%knot, "knot source removed: no registered repo names it");
+                                knot_stop.cancel();
+                            }
+                            keep
+                        }),
+                        Err(e) => tracing::warn!(error = %e, "cannot read knot sources; keeping every knot"),
+                    },
                     None => open = false,
                 },
                 Some(done) = tasks.join_next() => {
@@ -339,6 +370,57 @@ mod tests {
         stop.cancel();
         task.await.expect("stops");
         assert_eq!(server.requests().len(), 2, "one consumer, reconnected once: {:?}", server.requests());
+    }
+
+    /// A knot no registered repo names any more is disconnected on a recheck (and not
+    /// reconnected); a repo registering on it again starts it again.
+    #[tokio::test]
+    async fn a_knot_whose_repos_all_left_is_stopped_and_can_come_back() {
+        let dir = tempfile::tempdir().expect("dir");
+        let server = FakeWs::start(vec![vec![], vec![]]).await;
+        let host = server.host();
+        let store = store_with_repo(&dir, &host).await;
+        let kube = MockKube::start();
+        let intake = Arc::new(PipelineIntake::new(store.clone(), Arc::new(kube.api("ci")), "ci", OWNER));
+        let (consumer, sources) = KnotConsumer::new(store.clone(), intake, true);
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(consumer.with_timing(fast_timing()).run(stop.clone()));
+        let s = &server;
+        eventually(10, "connected", || async move { s.requests().len() == 1 }).await;
+
+        // Another knot's repo leaving changes nothing here.
+        sources.recheck();
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        assert_eq!(server.closed(), 0, "still wanted");
+
+        store
+            .transaction(|tx| q::unregister_repo(tx, MEMBER, "3m6pd65mx7k2b").map(|_| ()))
+            .await
+            .expect("unregister");
+        sources.recheck();
+        eventually(10, "disconnected", || async move { s.closed() == 1 }).await;
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        assert_eq!(server.requests().len(), 1, "not reconnected: {:?}", server.requests());
+
+        let knot = host.clone();
+        store
+            .transaction(move |tx| {
+                q::register_repo(
+                    tx,
+                    &RepoRow {
+                        knot,
+                        owner: MEMBER.into(),
+                        name: "hello-spindle".into(),
+                        rkey: "3m6pd65mx7k2b".into(),
+                    },
+                )
+            })
+            .await
+            .expect("register");
+        sources.add(&host);
+        eventually(10, "connected again", || async move { s.requests().len() == 2 }).await;
+        stop.cancel();
+        task.await.expect("stops");
     }
 
     /// With the API server failing and a one-frame queue, every pipeline still gets its runs:

@@ -30,7 +30,7 @@ mod testkit;
 pub use atproto_source::AtprotoCollaborators;
 pub use ingest::{CollaboratorPage, CollaboratorRecord, CollaboratorSource, Ingester};
 pub use jetstream::Jetstream;
-pub use knot::{KnotConsumer, KnotSources};
+pub use knot::{KnotChange, KnotConsumer, KnotSources};
 pub use metrics::IntakeMetrics;
 pub use pipeline::{PipelineIntake, RunCreator};
 

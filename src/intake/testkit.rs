@@ -58,6 +58,8 @@ pub(crate) enum Act {
 pub(crate) struct FakeWs {
     pub addr: std::net::SocketAddr,
     requests: Arc<Mutex<Vec<String>>>,
+    /// Connections the client closed after their script ran.
+    closed: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl FakeWs {
@@ -67,10 +69,13 @@ impl FakeWs {
         let requests = Arc::new(Mutex::new(Vec::new()));
         let scripts = Arc::new(Mutex::new(VecDeque::from(scripts)));
         let log = requests.clone();
+        let closed = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let closed_count = closed.clone();
         tokio::spawn(async move {
             while let Ok((tcp, _)) = listener.accept().await {
                 let script = scripts.lock().expect("lock").pop_front().unwrap_or_default();
                 let log = log.clone();
+                let closed = closed_count.clone();
                 let host = addr.to_string();
                 tokio::spawn(async move {
                     #[allow(clippy::result_large_err)] // the signature tungstenite's callback must have
@@ -103,10 +108,15 @@ impl FakeWs {
                         }
                     }
                     while let Some(Ok(_)) = ws.next().await {}
+                    closed.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                 });
             }
         });
-        FakeWs { addr, requests }
+        FakeWs { addr, requests, closed }
+    }
+
+    pub fn closed(&self) -> usize {
+        self.closed.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// `127.0.0.1:<port>`: a knot source key.
