@@ -644,6 +644,17 @@ mod tests {
         f.source.calls.lock().expect("lock").len()
     }
 
+    /// The repo's retry loop finishes and the PDS is asked nothing more.
+    async fn retry_loop_ends(f: &Fixture, why: &str) {
+        eventually(5, "the retry loop ends", || async {
+            f.ingester.retrying.lock().expect("lock").is_empty()
+        })
+        .await;
+        let settled = calls(f);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(calls(f), settled, "{why}");
+    }
+
     #[tokio::test]
     async fn a_failed_backfill_is_retried_until_the_pds_answers() {
         let mut f = setup(failing_source_with_one_collaborator());
@@ -659,13 +670,7 @@ mod tests {
         f.source.fail.store(false, std::sync::atomic::Ordering::SeqCst);
         eventually(5, "the retried backfill grants the collaborator", || async { can(&f, COLLAB).await })
             .await;
-        eventually(5, "the retry loop ends", || async {
-            f.ingester.retrying.lock().expect("lock").is_empty()
-        })
-        .await;
-        let settled = calls(&f);
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        assert_eq!(calls(&f), settled, "no retries after success");
+        retry_loop_ends(&f, "no retries after success").await;
     }
 
     #[tokio::test]
@@ -677,13 +682,7 @@ mod tests {
         eventually(5, "a retry", || async { calls(&f) >= 2 }).await;
         let out = apply(&f, &commit(MEMBER, "delete", REPO_NSID, "3m6pd65mx7k2b", None)).await;
         assert!(matches!(out, Outcome::RepoUnregistered(_)), "{out:?}");
-        eventually(5, "the retry loop ends", || async {
-            f.ingester.retrying.lock().expect("lock").is_empty()
-        })
-        .await;
-        let settled = calls(&f);
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        assert_eq!(calls(&f), settled, "no retries for a repo that left");
+        retry_loop_ends(&f, "no retries for a repo that left").await;
     }
 
     #[tokio::test]

@@ -245,21 +245,18 @@ mod tests {
         fixture(&format!("knot-events/{name}")).replace("knot1.tangled.sh", "{HOST}")
     }
 
+    /// The member's repo the fixtures name, on `knot`.
+    fn hello_repo(knot: String) -> RepoRow {
+        RepoRow { knot, owner: MEMBER.into(), name: "hello-spindle".into(), rkey: "3m6pd65mx7k2b".into() }
+    }
+
     async fn store_with_repo(dir: &tempfile::TempDir, knot: &str) -> Store {
         let store = Store::open(dir.path().join("spindle.db")).expect("open");
         let knot = knot.to_owned();
         store
             .transaction(move |tx| {
                 q::put_member(tx, OWNER, "m1", "spindle.example.com", MEMBER)?;
-                q::register_repo(
-                    tx,
-                    &RepoRow {
-                        knot,
-                        owner: MEMBER.into(),
-                        name: "hello-spindle".into(),
-                        rkey: "3m6pd65mx7k2b".into(),
-                    },
-                )
+                q::register_repo(tx, &hello_repo(knot))
             })
             .await
             .expect("register");
@@ -403,20 +400,7 @@ mod tests {
         assert_eq!(server.requests().len(), 1, "not reconnected: {:?}", server.requests());
 
         let knot = host.clone();
-        store
-            .transaction(move |tx| {
-                q::register_repo(
-                    tx,
-                    &RepoRow {
-                        knot,
-                        owner: MEMBER.into(),
-                        name: "hello-spindle".into(),
-                        rkey: "3m6pd65mx7k2b".into(),
-                    },
-                )
-            })
-            .await
-            .expect("register");
+        store.transaction(move |tx| q::register_repo(tx, &hello_repo(knot))).await.expect("register");
         sources.add(&host);
         eventually(10, "connected again", || async move { s.requests().len() == 2 }).await;
         stop.cancel();
