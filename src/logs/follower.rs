@@ -1028,15 +1028,21 @@ impl Follower {
         &mut self,
         reader: &'r mut R,
     ) -> Result<Option<std::io::Result<&'r [u8]>>, LogError> {
-        if self.log.as_ref().is_some_and(RunLog::should_flush) {
-            self.flush()?;
+        // Filling is cancel-safe: bytes that arrived stay buffered for the fill below. An error
+        // is returned from here: the stream reports it once, then only its end.
+        let peek = if self.log.as_ref().is_some_and(RunLog::should_flush) {
+            None
         } else {
-            // Filling is cancel-safe: bytes that arrived stay buffered for the fill below.
-            match futures::FutureExt::now_or_never(reader.fill_buf()).map(|r| r.map(|_| ())) {
-                Some(Ok(())) => {}
-                Some(Err(e)) => return Ok(Some(Err(e))),
-                None => self.flush()?,
+            futures::FutureExt::now_or_never(reader.fill_buf()).map(|r| r.map(|bytes| !bytes.is_empty()))
+        };
+        match peek {
+            Some(Ok(true)) => {}
+            Some(Err(e)) => {
+                self.flush()?;
+                return Ok(Some(Err(e)));
             }
+            // Waiting, at the end, or a full batch: what is queued goes out first.
+            Some(Ok(false)) | None => self.flush()?,
         }
         Ok(tokio::time::timeout(self.settings.idle_timeout, reader.fill_buf()).await.ok())
     }
@@ -1496,6 +1502,31 @@ mod tests {
         // what we already have.
         assert!(reqs[1].contains("sinceTime=2026-11-21T12%3A02%3A43Z") && reqs[1].contains("follow=true"));
         assert!(reqs[2].contains("sinceTime=2026-11-21T12%3A02%3A43Z") && !reqs[2].contains("follow=true"));
+    }
+
+    /// The final (non-follow) read of a terminated container breaks mid-line: that read is
+    /// retried, never taken as the end of the log (which would cut the line and lose the rest).
+    #[tokio::test]
+    async fn a_broken_final_read_is_retried_not_taken_as_the_end() {
+        let h = harness();
+        let fake = FakeCluster::scenario("per-step-success");
+        add_secret(&fake, "the repo");
+        let pod = "wf-8mxlg-step-2-test-pod";
+        let key = (pod.to_owned(), "step-run".to_owned());
+        {
+            let l1 = "2026-11-21T12:02:43.298265327Z test 1\n".len();
+            let l2 = "2026-11-21T12:02:43.599701353Z test 2\n".len();
+            // The follow stream breaks inside line 2, the final read inside line 3.
+            fake.lock()
+                .modes
+                .insert(key, [LogMode::BreakAfter(l1 + 5), LogMode::BreakAfter(l1 + l2 + 5)].into());
+        }
+        let t = target(&fake, "uid-1", &[BUILD, TEST]);
+        let text = follow(&h, &fake, &t).await;
+        assert_eq!(text, expected_success(&t));
+        let reqs = fake.log_requests(pod, "step-run");
+        assert_eq!(reqs.len(), 4, "follow, broken final read, follow again, final read: {reqs:#?}");
+        assert!(!reqs[1].contains("follow=true") && reqs[2].contains("follow=true"), "{reqs:#?}");
     }
 
     #[tokio::test]
