@@ -106,6 +106,7 @@ fn ingest() -> f64 {
         let mut log = RunLog::new(LogFile::open(&path, 0).expect("open"), hub, "bench.log".into())
             .expect("writer thread");
         let mut asm = LineAssembler::new(32 * 1024, Masker::new(secrets), true);
+        let runtime = tokio::runtime::Builder::new_current_thread().build().expect("runtime");
         let started = Instant::now();
         let mut lines = 0u64;
         for chunk in input.chunks(64 * 1024) {
@@ -114,10 +115,9 @@ fn ingest() -> f64 {
                 log.push_data(3, &seg.content, time);
                 lines += 1;
             });
-            log.flush().expect("flush");
+            runtime.block_on(log.flush()).expect("flush");
         }
         // Everything written before the clock stops.
-        let runtime = tokio::runtime::Builder::new_current_thread().build().expect("runtime");
         runtime.block_on(log.sync()).expect("sync");
         let secs = started.elapsed().as_secs_f64();
         let text = std::fs::read(&path).expect("read back");
@@ -192,7 +192,7 @@ async fn viewer_latency(viewers: usize) -> (usize, Duration, Duration) {
     for _ in 0..lines {
         let stamp = epoch.elapsed().as_nanos();
         log.push(&LogLine::data(1, format!("{stamp} {padding}"), jiff::Timestamp::now()));
-        log.flush().expect("flush");
+        log.flush().await.expect("flush");
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
     for c in clients {

@@ -270,7 +270,7 @@ async fn a_slow_viewer_is_dropped_without_holding_up_the_writer() {
             .expect("writer thread");
     let first = LogLine::data(1, "first", jiff::Timestamp::now());
     writer.push(&first);
-    writer.flush().expect("flush");
+    writer.flush().await.expect("flush");
     assert_eq!(next_text(&mut ws).await, first.to_json());
     // Now the client stops reading while the follower writes ~40 MB. Publishing never waits for
     // viewers (the loop completes although nobody reads), and the viewer is closed once it
@@ -278,7 +278,7 @@ async fn a_slow_viewer_is_dropped_without_holding_up_the_writer() {
     let big = "x".repeat(64 * 1024);
     for _ in 0..600 {
         writer.push(&LogLine::data(1, big.clone(), jiff::Timestamp::now()));
-        writer.flush().expect("flush");
+        writer.flush().await.expect("flush");
     }
     writer.sync().await.expect("written");
     let mut code = None;

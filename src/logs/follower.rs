@@ -389,14 +389,18 @@ impl LineAssembler {
 /// reading the file never misses a published line). Reading and assembling the stream, and
 /// encoding and writing, thus run on two cores; when the writer falls [`WRITE_QUEUE`] batches
 /// behind, the follower encodes the next batch itself instead of waiting idle, which shares the
-/// work out evenly whichever side is slower. [`RunLog::sync`] waits for everything queued, so a
-/// saved position never covers bytes not yet written.
+/// work out evenly whichever side is slower. Waiting for room in the queue is async, so a slow
+/// disk holds up only its own follower, never a runtime thread. [`RunLog::sync`] waits for
+/// everything queued, so a saved position never covers bytes not yet written.
 #[derive(Debug)]
 pub struct RunLog {
     batch: Batch,
     /// For the batches the follower encodes itself.
     encoder: DataLineEncoder,
-    tx: std::sync::mpsc::SyncSender<WriteMsg>,
+    tx: tokio::sync::mpsc::Sender<WriteMsg>,
+    /// Encode every batch here, as when the writer is behind (tests of that path).
+    #[cfg(test)]
+    encode_here: bool,
     /// Batches the writer is done with, to be filled again (their buffers keep their capacity).
     recycled: tokio::sync::mpsc::UnboundedReceiver<Batch>,
 }
@@ -473,16 +477,24 @@ impl RunLog {
         Self::with_queue(file, hub, key, WRITE_QUEUE)
     }
 
-    /// `queue`: batches the follower may queue ahead of the writer before encoding them itself.
+    /// `queue` (at least 1): batches the follower may queue ahead of the writer before encoding
+    /// them itself.
     fn with_queue(file: LogFile, hub: LogHub, key: String, queue: usize) -> Result<Self, LogError> {
-        let (tx, rx) = std::sync::mpsc::sync_channel(queue);
+        let (tx, rx) = tokio::sync::mpsc::channel(queue.max(1));
         let (recycle, recycled) = tokio::sync::mpsc::unbounded_channel();
         let path = file.path().to_path_buf();
         std::thread::Builder::new()
             .name("bobbin-log-writer".into())
             .spawn(move || write_batches(file, hub, key, rx, recycle))
             .map_err(|e| LogError::File { path, source: e })?;
-        Ok(RunLog { batch: Batch::default(), encoder: DataLineEncoder::default(), tx, recycled })
+        Ok(RunLog {
+            batch: Batch::default(),
+            encoder: DataLineEncoder::default(),
+            tx,
+            recycled,
+            #[cfg(test)]
+            encode_here: false,
+        })
     }
 
     /// Queue one line.
@@ -506,30 +518,36 @@ impl RunLog {
 
     /// Hand queued lines to the writer. When it is [`WRITE_QUEUE`] batches behind, encode them
     /// here first (the writer then only appends them), and wait for room.
-    pub fn flush(&mut self) -> Result<(), LogError> {
+    pub async fn flush(&mut self) -> Result<(), LogError> {
+        use tokio::sync::mpsc::error::TrySendError;
         if self.batch.is_empty() {
             return Ok(());
         }
         let next = self.recycled.try_recv().unwrap_or_default();
-        let batch = std::mem::replace(&mut self.batch, next);
+        #[allow(unused_mut)] // mutated in tests
+        let mut batch = std::mem::replace(&mut self.batch, next);
+        #[cfg(test)]
+        if self.encode_here {
+            batch.encode(&mut self.encoder);
+        }
         let msg = match self.tx.try_send(WriteMsg::Batch(batch)) {
             Ok(()) => return Ok(()),
-            Err(std::sync::mpsc::TrySendError::Disconnected(_)) => return Err(writer_gone()),
-            Err(std::sync::mpsc::TrySendError::Full(WriteMsg::Batch(mut batch))) => {
+            Err(TrySendError::Closed(_)) => return Err(writer_gone()),
+            Err(TrySendError::Full(WriteMsg::Batch(mut batch))) => {
                 batch.encode(&mut self.encoder);
                 WriteMsg::Batch(batch)
             }
-            Err(std::sync::mpsc::TrySendError::Full(other)) => other,
+            Err(TrySendError::Full(other)) => other,
         };
-        self.tx.send(msg).map_err(|_| writer_gone())
+        self.tx.send(msg).await.map_err(|_| writer_gone())
     }
 
     /// Flush, wait until every queued line is in the file, and return the file's end offset (or
     /// the first write error).
     pub async fn sync(&mut self) -> Result<u64, LogError> {
-        self.flush()?;
+        self.flush().await?;
         let (reply, done) = tokio::sync::oneshot::channel();
-        self.tx.send(WriteMsg::Sync(reply)).map_err(|_| writer_gone())?;
+        self.tx.send(WriteMsg::Sync(reply)).await.map_err(|_| writer_gone())?;
         done.await.map_err(|_| writer_gone())?
     }
 }
@@ -545,12 +563,12 @@ fn write_batches(
     mut file: LogFile,
     hub: LogHub,
     key: String,
-    rx: std::sync::mpsc::Receiver<WriteMsg>,
+    mut rx: tokio::sync::mpsc::Receiver<WriteMsg>,
     recycle: tokio::sync::mpsc::UnboundedSender<Batch>,
 ) {
     let mut failed: Option<LogError> = None;
     let mut encoder = DataLineEncoder::default();
-    while let Ok(msg) = rx.recv() {
+    while let Some(msg) = rx.blocking_recv() {
         match msg {
             WriteMsg::Batch(mut batch) => {
                 if failed.is_none() {
@@ -775,7 +793,7 @@ impl Follower {
             self.progress.last_ts = None;
             self.progress.seen_at_ts = 0;
             self.progress.container_lines = 0;
-            self.flush()?;
+            self.flush().await?;
             self.persist(true).await?;
         }
         Ok(())
@@ -987,7 +1005,7 @@ impl Follower {
             match pods.get_opt(pod_name).await {
                 Ok(None) => {
                     self.end_partial(step, &mut asm, &mut skipping, &mut skip_at_ts);
-                    self.flush()?;
+                    self.flush().await?;
                     return Ok(Ended::Gone { streamed });
                 }
                 Ok(Some(pod)) => {
@@ -1001,7 +1019,7 @@ impl Follower {
                         // once more from the last position to be sure, then stop.
                         if self.drain_terminated(step, &pods, pod_name, container, &mut asm).await? {
                             let finished = t.finished_at.map(|f| f.0);
-                            self.flush()?;
+                            self.flush().await?;
                             return Ok(Ended::Terminated { finished });
                         }
                         continue;
@@ -1009,7 +1027,7 @@ impl Follower {
                     // Still running: drop a partial line (it will be sent again) unless pieces of
                     // it were already written, in which case count it as written.
                     self.end_partial(step, &mut asm, &mut skipping, &mut skip_at_ts);
-                    self.flush()?;
+                    self.flush().await?;
                 }
                 Err(e) => tracing::debug!(error = %e, pod = pod_name, "reading the pod failed"),
             }
@@ -1038,11 +1056,11 @@ impl Follower {
         match peek {
             Some(Ok(true)) => {}
             Some(Err(e)) => {
-                self.flush()?;
+                self.flush().await?;
                 return Ok(Some(Err(e)));
             }
             // Waiting, at the end, or a full batch: what is queued goes out first.
-            Some(Ok(false)) | None => self.flush()?,
+            Some(Ok(false)) | None => self.flush().await?,
         }
         Ok(tokio::time::timeout(self.settings.idle_timeout, reader.fill_buf()).await.ok())
     }
@@ -1190,9 +1208,9 @@ impl Follower {
         self.progress.last_time.map_or(t, |l| l.max(t))
     }
 
-    fn flush(&mut self) -> Result<(), LogError> {
+    async fn flush(&mut self) -> Result<(), LogError> {
         match self.log.as_mut() {
-            Some(log) => log.flush(),
+            Some(log) => log.flush().await,
             None => Ok(()),
         }
     }
@@ -1270,19 +1288,20 @@ mod tests {
         dir: PathBuf,
     }
 
-    /// Whichever thread encodes a batch (the writer, or the follower when the writer is behind;
-    /// with no queue at all the follower encodes whenever the writer is not already waiting),
-    /// the file holds exactly the lines in order, as `LogLine` encodes them.
+    /// Whichever thread encodes a batch (the writer; the follower when the writer is behind,
+    /// here forced for every batch; or either, with a one-batch queue), the file holds exactly
+    /// the lines in order, as `LogLine` encodes them.
     #[tokio::test]
     async fn batches_encoded_by_either_thread_write_the_same_bytes() {
         let tmp = tempfile::tempdir().expect("tempdir");
         let t0: jiff::Timestamp = "2026-11-21T12:00:00.5Z".parse().expect("ts");
         let mut want = Vec::new();
-        for queue in [0, WRITE_QUEUE] {
-            let path = tmp.path().join(format!("q{queue}.log"));
+        for (queue, encode_here) in [(WRITE_QUEUE, false), (WRITE_QUEUE, true), (1, false)] {
+            let path = tmp.path().join(format!("q{queue}-{encode_here}.log"));
             let hub = LogHub::new(8);
             let mut log = RunLog::with_queue(LogFile::open(&path, 0).expect("open"), hub, "k".into(), queue)
                 .expect("writer");
+            log.encode_here = encode_here;
             want.clear();
             for i in 0..3000i64 {
                 let time = t0 + jiff::SignedDuration::from_millis(i);
@@ -1301,7 +1320,7 @@ mod tests {
                     want.extend_from_slice(json.as_bytes());
                     want.push(b'\n');
                     if i % 3 == 0 {
-                        log.flush().expect("flush");
+                        log.flush().await.expect("flush");
                     }
                     continue;
                 };
