@@ -364,17 +364,18 @@ impl Ingester {
         let me = self.me.clone();
         let event = ev.clone();
         let outcome = self.store.transaction(move |tx| apply_in(tx, &me, &event)).await?;
-        if let Outcome::RepoUnregistered(_) = &outcome {
-            self.knots.recheck();
-        }
-        if let Outcome::RepoRegistered(repo) = &outcome {
-            self.knots.add(&repo.knot);
-            // An update may have moved the repo off its previous knot.
-            self.knots.recheck();
-            if let Err(e) = self.backfill(repo).await {
-                tracing::warn!(error = %e, label = e.label(), repo = %format!("{}/{}", repo.owner, repo.name), "collaborator backfill failed; retrying in the background");
-                self.retry_backfill(repo);
+        match &outcome {
+            Outcome::RepoRegistered(repo) => {
+                self.knots.add(&repo.knot);
+                // An update may have moved the repo off its previous knot.
+                self.knots.recheck();
+                if let Err(e) = self.backfill(repo).await {
+                    tracing::warn!(error = %e, label = e.label(), repo = %format!("{}/{}", repo.owner, repo.name), "collaborator backfill failed; retrying in the background");
+                    self.retry_backfill(repo);
+                }
             }
+            Outcome::RepoUnregistered(_) => self.knots.recheck(),
+            _ => {}
         }
         Ok(outcome)
     }

@@ -410,14 +410,13 @@ const WRITE_QUEUE: usize = 8;
 /// Queued bytes after which [`RunLog::should_flush`] says to hand the batch over.
 const BATCH: usize = 64 * 1024;
 
-/// Lines queued for the writer: their bytes back to back and what each one is, or (once
-/// `encoded` is set) the file bytes of all of them in `out`.
+/// Lines queued for the writer: their bytes back to back and what each one is, and once
+/// encoded (`out` is never empty then: every line ends in `\n`) the file bytes of all of them.
 #[derive(Debug, Default)]
 struct Batch {
     bytes: Vec<u8>,
     entries: Vec<Entry>,
     out: Vec<u8>,
-    encoded: bool,
 }
 
 #[derive(Debug)]
@@ -437,29 +436,27 @@ impl Batch {
         self.bytes.clear();
         self.entries.clear();
         self.out.clear();
-        self.encoded = false;
     }
 
     /// Encode every line, each followed by `\n`, into `out` (once).
     fn encode(&mut self, encoder: &mut DataLineEncoder) {
-        if self.encoded {
+        if !self.out.is_empty() {
             return;
         }
-        self.encoded = true;
         let out = &mut self.out;
         let mut start = 0;
         for entry in &self.entries {
-            match *entry {
+            start = match *entry {
                 Entry::Data { step_id, time, end } => {
                     // Invalid UTF-8 is replaced (as Go's encoder does), never fatal.
                     encoder.encode(out, step_id, &self.bytes[start..end], time);
-                    start = end;
+                    end
                 }
                 Entry::Encoded { end } => {
                     out.extend_from_slice(&self.bytes[start..end]);
-                    start = end;
+                    end
                 }
-            }
+            };
             out.push(b'\n');
         }
     }
@@ -524,12 +521,15 @@ impl RunLog {
             return Ok(());
         }
         let next = self.recycled.try_recv().unwrap_or_default();
-        #[allow(unused_mut)] // mutated in tests
-        let mut batch = std::mem::replace(&mut self.batch, next);
+        let batch = std::mem::replace(&mut self.batch, next);
         #[cfg(test)]
-        if self.encode_here {
-            batch.encode(&mut self.encoder);
-        }
+        let batch = {
+            let mut batch = batch;
+            if self.encode_here {
+                batch.encode(&mut self.encoder);
+            }
+            batch
+        };
         let msg = match self.tx.try_send(WriteMsg::Batch(batch)) {
             Ok(()) => return Ok(()),
             Err(TrySendError::Closed(_)) => return Err(writer_gone()),
@@ -1305,8 +1305,10 @@ mod tests {
             want.clear();
             for i in 0..3000i64 {
                 let time = t0 + jiff::SignedDuration::from_millis(i);
-                let line = if i % 500 == 0 {
-                    LogLine::control(i, StepStatus::Start, "Build", 1, "make <all>", time)
+                let json = if i % 500 == 0 {
+                    let line = LogLine::control(i, StepStatus::Start, "Build", 1, "make <all>", time);
+                    log.push(&line);
+                    line.to_json()
                 } else {
                     let content = format!("line {i} <\"{}\"> \u{2028} é", "x".repeat((i % 97) as usize));
                     let mut raw = content.clone().into_bytes();
@@ -1316,22 +1318,19 @@ mod tests {
                     log.push_data(i % 5, &raw, time);
                     // Go writes an invalid byte as the escape `\ufffd`.
                     let text = if i % 7 == 0 { format!("{content}\u{fffd}") } else { content };
-                    let json = LogLine::data(i % 5, text, time).to_json().replace('\u{fffd}', "\\ufffd");
-                    want.extend_from_slice(json.as_bytes());
-                    want.push(b'\n');
-                    if i % 3 == 0 {
-                        log.flush().await.expect("flush");
-                    }
-                    continue;
+                    LogLine::data(i % 5, text, time).to_json().replace('\u{fffd}', "\\ufffd")
                 };
-                log.push(&line);
-                want.extend_from_slice(line.to_json().as_bytes());
+                want.extend_from_slice(json.as_bytes());
                 want.push(b'\n');
+                if i % 3 == 0 {
+                    log.flush().await.expect("flush");
+                }
             }
             let end = log.sync().await.expect("sync");
             let written = std::fs::read(&path).expect("read");
-            assert_eq!(end, written.len() as u64, "queue {queue}");
-            assert!(written == want, "queue {queue}: the file differs from the lines pushed");
+            let case = format!("queue {queue}, encode_here {encode_here}");
+            assert_eq!(end, written.len() as u64, "{case}");
+            assert!(written == want, "{case}: the file differs from the lines pushed");
         }
     }
 

@@ -106,7 +106,7 @@ impl LogLine {
         out.extend_from_slice(b",\"time\":");
         write_json_string(out, &self.time);
         out.extend_from_slice(b",\"step_id\":");
-        out.extend_from_slice(self.step_id.to_string().as_bytes());
+        out.extend_from_slice(itoa::Buffer::new().format(self.step_id).as_bytes());
         if let Some(stream) = self.stream.as_deref().filter(|s| !s.is_empty()) {
             out.extend_from_slice(b",\"stream\":");
             write_json_string(out, stream);
@@ -118,7 +118,7 @@ impl LogLine {
         }
         if self.step_kind != 0 {
             out.extend_from_slice(b",\"step_kind\":");
-            out.extend_from_slice(self.step_kind.to_string().as_bytes());
+            out.extend_from_slice(itoa::Buffer::new().format(self.step_kind).as_bytes());
         }
         if !self.step_command.is_empty() {
             out.extend_from_slice(b",\"step_command\":");
